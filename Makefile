@@ -1,0 +1,47 @@
+# `make run` sets everything up and starts the stack; `make test` sets up and runs the suite.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PORT ?= 8000
+export PORT
+
+.PHONY: run test setup venv redis migrate model lint clean
+
+# Reinstall only when requirements.txt changes.
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+redis: venv
+	$(PY) manage.py ensure_redis
+
+migrate: venv
+	$(PY) manage.py migrate --noinput
+
+model: venv
+	$(PY) manage.py train_demo_model
+
+setup: venv redis migrate model
+
+run: setup
+	@echo
+	@echo "Leafresh chat server on http://127.0.0.1:$(PORT)/  (the chat page; admin at /admin/)"
+	@echo "Try the SSE stream:"
+	@echo "  curl -N 'http://127.0.0.1:$(PORT)/ai/chatbot/recommendation/base-info?sessionId=demo-1&location=%EB%8F%84%EC%8B%9C&workType=%EC%82%AC%EB%AC%B4%EC%A7%81&category=%EC%A0%9C%EB%A1%9C%EC%9B%A8%EC%9D%B4%EC%8A%A4%ED%8A%B8'"
+	@echo "  curl -N 'http://127.0.0.1:$(PORT)/ai/chatbot/recommendation/free-text?sessionId=demo-2&message=%EC%9D%BC%ED%9A%8C%EC%9A%A9%ED%92%88%EC%9D%84%20%EC%A4%84%EC%9D%B4%EA%B3%A0%20%EC%8B%B6%EC%96%B4%EC%9A%94'"
+	@echo
+	$(VENV)/bin/honcho start -f Procfile -p $(PORT)
+
+test: setup
+	$(VENV)/bin/pytest
+
+lint: venv
+	$(VENV)/bin/ruff check . || true
+
+clean:
+	rm -rf $(VENV) var

@@ -1,0 +1,23 @@
+"""Admin registrations for the editors (categories, prompts, generation settings)."""
+
+from django.contrib import admin
+
+from chatbot.models import Category, GenerationSettings, PromptTemplate
+
+
+@admin.register(Category)
+class CategoryAdmin(admin.ModelAdmin):
+    list_display = ("label", "code", "order", "is_active")
+    list_editable = ("order", "is_active")
+    search_fields = ("label", "code")
+
+
+@admin.register(PromptTemplate)
+class PromptTemplateAdmin(admin.ModelAdmin):
+    list_display = ("mode", "version", "is_active", "created_at")
+    list_filter = ("mode", "is_active")
+
+
+@admin.register(GenerationSettings)
+class GenerationSettingsAdmin(admin.ModelAdmin):
+    list_display = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "updated_at")

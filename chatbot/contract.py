@@ -1,0 +1,102 @@
+"""The contract the Spring backend and the widget depend on: field checks, limits and envelopes.
+
+Checks (`check_*`) are separate from actions: they turn raw query/JSON/WebSocket fields into
+validated inputs or raise `ContractError`, which every adapter answers the same way (HTTP 400
+with `{"status":400,"message":...,"data":{"invalidFields":[...]}}`, or `chat.error` 400).
+Messages are Korean and safe to show to a person. Paths and messages are kept from the first
+version of the service (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MESSAGE_TOKEN = "토큰 생성"
+MESSAGE_DONE = "모든 챌린지 추천 완료"
+MESSAGE_INVALID = "요청 값이 올바르지 않습니다."
+MESSAGE_NO_WORKER = "추천 서버가 준비되지 않았습니다. 잠시 후 다시 시도해 주세요."
+MESSAGE_TIMEOUT = "응답 시간이 초과되었습니다. 잠시 후 다시 시도해 주세요."
+MESSAGE_INTERNAL = "서버 내부 오류가 발생했습니다. 잠시 후 다시 시도해 주세요."
+MESSAGE_BUSY = "이미 답변을 생성하고 있습니다. 끝난 뒤에 다시 보내 주세요."
+MESSAGE_STOPPED = "답변 생성을 중단했습니다."
+MESSAGE_BAD_FRAME = "메시지 형식이 올바르지 않습니다."
+
+# Maximum lengths in characters (Unicode code points), after trimming surrounding whitespace.
+LIMITS: dict[str, int] = {"sessionId": 100, "location": 50, "workType": 50, "category": 30, "message": 500}
+BASE_INFO_FIELDS = ("sessionId", "location", "workType", "category")
+FREE_TEXT_FIELDS = ("sessionId", "message")
+
+
+class ContractError(Exception):
+    """Invalid input. `status` is the HTTP status, `invalid_fields` the offending field names."""
+
+    def __init__(self, invalid_fields: list[str], message: str = MESSAGE_INVALID, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.invalid_fields = invalid_fields
+
+    def envelope(self) -> dict[str, Any]:
+        """`{"status": 400, "message": str, "data": {"invalidFields": [...]}}`."""
+        return {"status": self.status, "message": self.message, "data": {"invalidFields": self.invalid_fields}}
+
+
+@dataclass(frozen=True)
+class BaseInfoInput:
+    session_id: str
+    location: str
+    work_type: str
+    category: str  # as sent (label or code); resolved against the database by services
+
+
+@dataclass(frozen=True)
+class FreeTextInput:
+    session_id: str
+    message: str
+
+
+def _clean(value: Any, limit: int, *, multiline: bool = False) -> str | None:
+    """The trimmed string, or None when missing, empty, too long or holding control characters."""
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    if not value or len(value) > limit:
+        return None
+    allowed = {"\n", "\t"} if multiline else set()
+    if any(unicodedata.category(ch) in ("Cc", "Cs") and ch not in allowed for ch in value):
+        return None
+    return value
+
+
+def _check(params: Mapping[str, Any], fields: tuple[str, ...]) -> dict[str, str]:
+    cleaned: dict[str, str] = {}
+    invalid: list[str] = []
+    for name in fields:
+        value = _clean(params.get(name), LIMITS[name], multiline=name == "message")
+        if value is None:
+            invalid.append(name)
+        else:
+            cleaned[name] = value
+    if invalid:
+        raise ContractError(invalid, f"{MESSAGE_INVALID} 확인할 항목: {', '.join(invalid)}")
+    return cleaned
+
+
+def check_base_info(params: Mapping[str, Any]) -> BaseInfoInput:
+    """Validate base-info fields (all required, bounded by LIMITS). Raises ContractError."""
+    c = _check(params, BASE_INFO_FIELDS)
+    return BaseInfoInput(session_id=c["sessionId"], location=c["location"], work_type=c["workType"], category=c["category"])
+
+
+def check_free_text(params: Mapping[str, Any]) -> FreeTextInput:
+    """Validate free-text fields (all required, bounded by LIMITS). Raises ContractError."""
+    c = _check(params, FREE_TEXT_FIELDS)
+    return FreeTextInput(session_id=c["sessionId"], message=c["message"])
+
+
+def envelope(status: int, message: str, data: Any) -> dict[str, Any]:
+    """The JSON envelope every response and event carries: `{"status", "message", "data"}`."""
+    return {"status": status, "message": message, "data": data}

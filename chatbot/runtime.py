@@ -1,0 +1,70 @@
+"""The GPU worker's single runtime, built from Django settings (see inference.worker)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from django.conf import settings
+
+from inference.loading import ModelSettings
+from inference.worker import WorkerRuntime, WorkerSettings
+
+logger = logging.getLogger(__name__)
+_runtime: WorkerRuntime | None = None
+
+
+class RuntimeNotStartedError(RuntimeError):
+    """A generation task ran in a process that has no engine (not a `-Q gpu` worker)."""
+
+
+def model_source() -> str:
+    """`LEAFRESH_MODEL`, or the locally built demo model's directory when it is empty."""
+    return settings.LEAFRESH_MODEL or str(settings.LEAFRESH_DEMO_MODEL_DIR)
+
+
+def worker_settings() -> WorkerSettings:
+    """WorkerSettings from the Django settings module."""
+    source = model_source()
+    if not settings.LEAFRESH_MODEL and not Path(source).is_dir():
+        raise RuntimeError(f"the demo model is not built at {source}: run `python manage.py train_demo_model`")
+    return WorkerSettings(
+        model=ModelSettings(
+            source=source,
+            cache_dir=settings.HF_CACHE_DIR,
+            quantization=settings.LEAFRESH_QUANTIZATION,
+            dtype=settings.LEAFRESH_DTYPE,
+            device=settings.LEAFRESH_DEVICE,
+            hf_token=settings.HF_TOKEN,
+        ),
+        redis_url=settings.REDIS_URL,
+        channel_layer=settings.CHANNEL_LAYERS["default"]["CONFIG"],
+        max_running=settings.LEAFRESH_MAX_RUNNING,
+        flush_interval_s=settings.LEAFRESH_FLUSH_INTERVAL_S,
+        heartbeat_ttl_s=settings.LEAFRESH_HEARTBEAT_TTL_S,
+    )
+
+
+def runtime_start() -> WorkerRuntime:
+    """Start the process's runtime once (idempotent)."""
+    global _runtime
+    if _runtime is None:
+        runtime = WorkerRuntime(worker_settings())
+        runtime.start()
+        _runtime = runtime
+    return _runtime
+
+
+def runtime_get() -> WorkerRuntime:
+    """The started runtime. Raises RuntimeNotStartedError outside a GPU worker."""
+    if _runtime is None:
+        raise RuntimeNotStartedError("no generation engine in this process (start it with -Q gpu)")
+    return _runtime
+
+
+def runtime_stop() -> None:
+    """Stop the runtime if it was started."""
+    global _runtime
+    if _runtime is not None:
+        _runtime.stop()
+        _runtime = None

@@ -1,0 +1,118 @@
+"""Business logic of a recommendation: build the generation request, dispatch it, cancel it.
+
+Adapters (SSE views, the WebSocket consumer) call these; they hold no logic of their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+from django.conf import settings
+
+from chatbot.contract import BaseInfoInput, ContractError, FreeTextInput
+from chatbot.prompts import build_messages
+from chatbot.selectors import (
+    category_for_message,
+    category_get_active,
+    category_list_active,
+    generation_settings_get,
+    prompt_get_active,
+)
+from inference.answer import answer_schema
+from inference.types import CONTROL_GROUP, HEARTBEAT_PREFIX, GenerationRequest, SamplingParams
+
+GENERATE_TASK = "chatbot.generate"
+
+
+def session_group_name(session_id: str) -> str:
+    """The channel-layer group of a session. Hashed: group names allow only ASCII and < 100 chars."""
+    return "session." + hashlib.sha256(session_id.encode()).hexdigest()[:40]
+
+
+def _sampling() -> SamplingParams:
+    row = generation_settings_get()
+    return SamplingParams(
+        temperature=row.temperature,
+        top_p=row.top_p,
+        top_k=row.top_k,
+        repetition_penalty=row.repetition_penalty,
+        max_new_tokens=row.max_new_tokens,
+    )
+
+
+def _request(*, session_id: str, messages: list[dict[str, str]], category_code: str) -> GenerationRequest:
+    labels = {c.code: c.label for c in category_list_active()}
+    return GenerationRequest(
+        request_id=uuid.uuid4().hex,
+        group=session_group_name(session_id),
+        messages=messages,
+        schema=answer_schema(),
+        sampling=_sampling(),
+        default_category=category_code,
+        category_labels=labels,
+        created_at=time.time(),
+        ttft_timeout_s=settings.LEAFRESH_TTFT_TIMEOUT_S,
+        total_timeout_s=settings.LEAFRESH_TOTAL_TIMEOUT_S,
+    )
+
+
+def recommendation_build_base_info(*, checked: BaseInfoInput) -> GenerationRequest:
+    """The generation request for a base-info recommendation (reads the database).
+
+    Raises ContractError (400, invalidFields=["category"]) for an unknown or inactive category,
+    and selectors.NotConfiguredError when the mode has no active prompt.
+    """
+    category = category_get_active(label_or_code=checked.category)
+    if category is None:
+        raise ContractError(["category"], "알 수 없는 카테고리입니다. 확인할 항목: category")
+    prompt = prompt_get_active(mode="base_info")
+    fields = {"location": checked.location, "workType": checked.work_type, "category": category.label}
+    messages = build_messages(system=prompt.system, user_template=prompt.user_template, fields=fields)
+    return _request(session_id=checked.session_id, messages=messages, category_code=category.code)
+
+
+def recommendation_build_free_text(*, checked: FreeTextInput) -> GenerationRequest:
+    """The generation request for a free-text recommendation (reads the database).
+
+    The challenges' category is the active category whose keywords best match the message.
+    Raises selectors.NotConfiguredError when the mode has no active prompt or no category is active.
+    """
+    category = category_for_message(message=checked.message)
+    prompt = prompt_get_active(mode="free_text")
+    messages = build_messages(system=prompt.system, user_template=prompt.user_template, fields={"message": checked.message})
+    return _request(session_id=checked.session_id, messages=messages, category_code=category.code)
+
+
+def recommendation_dispatch(*, request: GenerationRequest) -> None:
+    """Send the request to the GPU worker (Celery task on queue `gpu`). Blocking: Redis I/O."""
+    from celery_app import app
+
+    app.send_task(GENERATE_TASK, args=[request.to_dict()], queue="gpu")
+
+
+async def recommendation_cancel(*, request_id: str) -> None:
+    """Ask every GPU worker to cancel a request (a broadcast on the channel layer)."""
+    from channels.layers import get_channel_layer
+
+    layer = get_channel_layer()
+    await layer.group_send(CONTROL_GROUP, {"type": "engine.cancel", "request_id": request_id})
+
+
+_redis: dict[int, Any] = {}
+
+
+async def worker_alive() -> bool:
+    """True when at least one GPU worker's heartbeat key has not expired."""
+    import asyncio
+
+    loop_id = id(asyncio.get_running_loop())
+    client = _redis.get(loop_id)
+    if client is None:
+        client = _redis[loop_id] = aioredis.Redis.from_url(settings.REDIS_URL)
+    async for _ in client.scan_iter(match=HEARTBEAT_PREFIX + "*", count=100):
+        return True
+    return False

@@ -1,0 +1,29 @@
+"""The one SSE encoder. Nothing else in the project formats Server-Sent Events.
+
+Format (WHATWG HTML, "Server-sent events"): `id:` line, `event:` line (never empty), one
+`data:` line holding single-line JSON (`ensure_ascii=False`, so Korean stays readable), then a
+blank line. Keep-alives are comment lines (`: ping`), which EventSource and the Spring backend
+ignore.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+PING = b": ping\n\n"
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+CONTENT_TYPE = "text/event-stream"  # UTF-8 is the only encoding SSE allows
+
+
+def encode_event(*, event_id: int, event: str, data: Mapping[str, Any]) -> bytes:
+    """One SSE event as UTF-8 bytes.
+
+    Raises ValueError when `event` is empty or contains a line break (it would corrupt the stream).
+    json.dumps escapes line breaks inside strings, so `data` is always one line.
+    """
+    if not event or "\n" in event or "\r" in event:
+        raise ValueError(f"invalid SSE event name {event!r}")
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"id: {event_id}\nevent: {event}\ndata: {payload}\n\n".encode()

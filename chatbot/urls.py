@@ -1,0 +1,10 @@
+from django.urls import path
+
+from chatbot import views
+
+urlpatterns = [
+    path("", views.index, name="index"),
+    path("healthz", views.healthz, name="healthz"),
+    path("ai/chatbot/recommendation/base-info", views.base_info, name="base-info"),
+    path("ai/chatbot/recommendation/free-text", views.free_text, name="free-text"),
+]

@@ -1,0 +1,371 @@
+"""The generation engine: one thread that owns the model and serves every live request.
+
+Exactly one thread calls the model (concurrent `generate()` calls from threads crashed CUDA in the
+first version). Requests arrive through a thread-safe inbox (`submit`, `cancel`); the loop admits
+them up to `max_running`, prefills each, and then advances every running request by one token per
+round, so all live sessions stream at once. Each request has its own KV cache, sampling settings,
+grammar matcher and random generator. Cancellation and deadlines are checked at every step (Celery's
+time limits and revoke do nothing under the solo pool).
+
+This version decodes the running requests one after another within a round; batching them into one
+forward pass (continuous batching) replaces `_decode_round` without changing the interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import xgrammar as xgr
+
+from inference.detokenize import IncrementalDetokenizer
+from inference.loading import LoadedModel
+from inference.render import ProgressiveRenderer
+from inference.answer import answer_schema, finalize_answer
+from inference.structured import GrammarFactory
+from inference.types import FinishReason, GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+# Korean messages, safe to show to a person; statuses follow HTTP meaning.
+MESSAGE_LENGTH = "답변이 너무 길어져 완성하지 못했습니다. 다시 시도해 주세요."
+MESSAGE_DEADLINE = "응답 시간이 초과되었습니다. 잠시 후 다시 시도해 주세요."
+MESSAGE_ERROR = "추천을 생성하는 중 오류가 발생했습니다. 잠시 후 다시 시도해 주세요."
+
+
+class EventSink(Protocol):
+    """Where the engine sends a request's events (the publisher, or a list in tests).
+
+    Called from the engine thread; implementations must not block for long.
+    """
+
+    def queued(self, request: GenerationRequest, position: int) -> None: ...
+
+    def token(self, request: GenerationRequest, text: str) -> None: ...
+
+    def done(
+        self,
+        request: GenerationRequest,
+        answer: dict[str, Any],
+        *,
+        usage: dict[str, int],
+        timings: dict[str, float],
+    ) -> None: ...
+
+    def error(self, request: GenerationRequest, status: int, message: str, finish_reason: FinishReason) -> None: ...
+
+    def discard(self, request_id: str) -> None: ...
+
+
+class GenerationError(RuntimeError):
+    """Generation cannot continue for one request (e.g. every logit is NaN or masked)."""
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    prompt_ids: list[int]
+    matcher: xgr.GrammarMatcher
+    bitmask: torch.Tensor
+    detokenizer: IncrementalDetokenizer
+    renderer: ProgressiveRenderer
+    rng: torch.Generator
+    admitted_at: float
+    generated: list[int] = field(default_factory=list)
+    completion: str = ""
+    cache: Any = None
+    next_logits: torch.Tensor | None = None
+    first_token_at: float | None = None
+
+
+def sample_token(
+    logits: torch.Tensor,
+    *,
+    bitmask: torch.Tensor | None,
+    seen_ids: torch.Tensor | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    repetition_penalty: float,
+    rng: torch.Generator | None,
+) -> int:
+    """Pick the next token id from one row of logits (shape `(vocab,)`, any float dtype).
+
+    Order as in transformers' generate: NaN/inf guard, repetition penalty (CTRL rule over
+    `seen_ids`), grammar mask (xgrammar bitmask, shape `(1, ceil(vocab/32))`), temperature,
+    top-k, top-p (Holtzman et al. 2019, arXiv:1904.09751), then argmax (temperature 0) or a draw.
+    Raises GenerationError when no token is left to choose.
+    """
+    scores = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max).unsqueeze(0)
+    if repetition_penalty != 1.0 and seen_ids is not None and seen_ids.numel():
+        picked = scores.gather(1, seen_ids.unsqueeze(0))
+        picked = torch.where(picked < 0, picked * repetition_penalty, picked / repetition_penalty)
+        scores.scatter_(1, seen_ids.unsqueeze(0), picked)
+    if bitmask is not None:
+        xgr.apply_token_bitmask_inplace(scores, bitmask)
+    if not torch.isfinite(scores).any():
+        raise GenerationError("no token is allowed (all logits masked or not finite)")
+    if temperature <= 0:
+        return int(scores.argmax(dim=-1).item())
+    scores = scores / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1, None]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if 0 < top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative - sorted_scores.softmax(dim=-1) > top_p  # keep the token that crosses top_p
+        scores = scores.scatter(1, order, sorted_scores.masked_fill(remove, float("-inf")))
+    probs = scores.softmax(dim=-1)
+    return int(torch.multinomial(probs, 1, generator=rng).item())
+
+
+class Engine:
+    """Serves generation requests from one thread that owns the model.
+
+    `submit(request)` and `cancel(request_id)` are thread-safe and return at once; results go to
+    the `sink`. `max_running` bounds the requests decoding together; more wait in arrival order.
+    """
+
+    def __init__(self, loaded: LoadedModel, sink: EventSink, *, max_running: int = 8) -> None:
+        self.loaded = loaded
+        self.sink = sink
+        self.max_running = max_running
+        tokenizer = loaded.tokenizer
+        vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
+        self.grammars = GrammarFactory(tokenizer, vocab_size=vocab_size)
+        self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._waiting: deque[GenerationRequest] = deque()
+        self._running: list[_Sequence] = []
+        self._cancelled: OrderedDict[str, float] = OrderedDict()  # cancels that may precede their submit
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # --- interface (any thread) ---
+    def start(self) -> None:
+        """Compile the default grammar and start the engine thread."""
+        self.grammars.matcher(answer_schema())
+        self._thread = threading.Thread(target=self._run, name="leafresh-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loop; requests still running get an `error` event (the worker is going away)."""
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request; its events go to the sink."""
+        self._inbox.put(("submit", request))
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel a request wherever it is; nothing more is published for it."""
+        self._inbox.put(("cancel", request_id))
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) counts, read without locking (for heartbeats and metrics)."""
+        return len(self._running), len(self._waiting)
+
+    # --- the loop (engine thread only) ---
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                try:
+                    self._drain_inbox(block=not self._running and not self._waiting)
+                    self._admit()
+                    self._decode_round()
+                except Exception:  # noqa: BLE001 - the loop must survive anything one request does
+                    logger.exception("engine loop failure")
+                    for seq in list(self._running):
+                        self._fail(seq, FinishReason.ERROR, 500, MESSAGE_ERROR)
+            for seq in list(self._running):
+                self._fail(seq, FinishReason.ERROR, 503, MESSAGE_ERROR)
+            while self._waiting:
+                request = self._waiting.popleft()
+                self.sink.error(request, 503, MESSAGE_ERROR, FinishReason.ERROR)
+
+    def _drain_inbox(self, *, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, value = item
+            if kind == "submit":
+                self._accept(value)
+            elif kind == "cancel":
+                self._cancel_now(value)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _accept(self, request: GenerationRequest) -> None:
+        if self._cancelled.pop(request.request_id, None) is not None:
+            return
+        position = max(0, len(self._running) + len(self._waiting) + 1 - self.max_running)
+        self._waiting.append(request)
+        self.sink.queued(request, position)
+
+    def _cancel_now(self, request_id: str) -> None:
+        for seq in self._running:
+            if seq.request.request_id == request_id:
+                self._running.remove(seq)
+                self._log_finish(seq, FinishReason.CANCELLED)
+                self.sink.discard(request_id)
+                return
+        for request in self._waiting:
+            if request.request_id == request_id:
+                self._waiting.remove(request)
+                self.sink.discard(request_id)
+                return
+        self._cancelled[request_id] = time.time()
+        while len(self._cancelled) > 10_000:
+            self._cancelled.popitem(last=False)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.max_running:
+            request = self._waiting.popleft()
+            now = time.time()
+            if now > request.created_at + request.ttft_timeout_s:
+                self.sink.error(request, 504, MESSAGE_DEADLINE, FinishReason.DEADLINE)
+                continue
+            try:
+                seq = self._prefill(request, now)
+            except Exception:  # noqa: BLE001
+                logger.exception("prefill failed for request %s", request.request_id)
+                self.sink.error(request, 500, MESSAGE_ERROR, FinishReason.ERROR)
+                continue
+            self._running.append(seq)
+
+    def _prefill(self, request: GenerationRequest, now: float) -> _Sequence:
+        tokenizer = self.loaded.tokenizer
+        prompt = tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        matcher = self.grammars.matcher(request.schema)
+        seed = request.sampling.seed if request.sampling.seed is not None else int.from_bytes(request.request_id.encode()[:8], "little")
+        seq = _Sequence(
+            request=request,
+            prompt_ids=prompt_ids,
+            matcher=matcher,
+            bitmask=xgr.allocate_token_bitmask(1, self.grammars.vocab_size),
+            detokenizer=IncrementalDetokenizer(tokenizer),
+            renderer=ProgressiveRenderer(),
+            rng=torch.Generator().manual_seed(seed),
+            admitted_at=now,
+        )
+        input_ids = torch.tensor([prompt_ids], device=self.loaded.device)
+        out = self.loaded.model(input_ids=input_ids, use_cache=True)
+        seq.cache = out.past_key_values
+        seq.next_logits = out.logits[0, -1]
+        return seq
+
+    def _decode_round(self) -> None:
+        for seq in list(self._running):
+            now = time.time()
+            request = seq.request
+            if now > request.created_at + request.total_timeout_s or (
+                seq.first_token_at is None and now > request.created_at + request.ttft_timeout_s
+            ):
+                self._fail(seq, FinishReason.DEADLINE, 504, MESSAGE_DEADLINE)
+                continue
+            try:
+                self._step(seq)
+            except Exception:  # noqa: BLE001
+                logger.exception("decode failed for request %s", request.request_id)
+                self._fail(seq, FinishReason.ERROR, 500, MESSAGE_ERROR)
+
+    def _step(self, seq: _Sequence) -> None:
+        sampling = seq.request.sampling
+        seq.matcher.fill_next_token_bitmask(seq.bitmask)
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.tensor(seq.prompt_ids + seq.generated, dtype=torch.long).unique()
+        assert seq.next_logits is not None
+        token_id = sample_token(
+            seq.next_logits.cpu(),
+            bitmask=seq.bitmask,
+            seen_ids=seen,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            repetition_penalty=sampling.repetition_penalty,
+            rng=seq.rng,
+        )
+        if not seq.matcher.accept_token(token_id):
+            raise GenerationError(f"grammar rejected token {token_id}")
+        seq.generated.append(token_id)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.time()
+        self._emit(seq, seq.detokenizer.push(token_id))
+        if seq.matcher.is_completed() or seq.matcher.is_terminated():
+            self._emit(seq, seq.detokenizer.flush())
+            self._finish(seq)
+            return
+        if len(seq.generated) >= sampling.max_new_tokens:
+            self._fail(seq, FinishReason.LENGTH, 500, MESSAGE_LENGTH)
+            return
+        out = self.loaded.model(
+            input_ids=torch.tensor([[token_id]], device=self.loaded.device),
+            past_key_values=seq.cache,
+            use_cache=True,
+        )
+        seq.cache = out.past_key_values
+        seq.next_logits = out.logits[0, -1]
+
+    def _emit(self, seq: _Sequence, completion_delta: str) -> None:
+        if not completion_delta:
+            return
+        seq.completion += completion_delta
+        text = seq.renderer.feed(completion_delta)
+        if text:
+            self.sink.token(seq.request, text)
+
+    def _finish(self, seq: _Sequence) -> None:
+        request = seq.request
+        self._running.remove(seq)
+        try:
+            answer = finalize_answer(
+                seq.completion, default_category=request.default_category, category_labels=request.category_labels
+            )
+            tail = seq.renderer.finish(answer)
+        except ValueError:
+            logger.exception("completion of request %s is not a valid answer", request.request_id)
+            self._log_finish(seq, FinishReason.ERROR)
+            self.sink.error(request, 500, MESSAGE_ERROR, FinishReason.ERROR)
+            return
+        if tail:
+            self.sink.token(request, tail)
+        now = time.time()
+        first = seq.first_token_at or now
+        timings = {
+            "queue_s": round(seq.admitted_at - request.created_at, 4),
+            "ttft_s": round(first - request.created_at, 4),
+            "total_s": round(now - request.created_at, 4),
+            "decode_tokens_per_s": round((len(seq.generated) - 1) / (now - first), 2) if now > first else 0.0,
+        }
+        usage = {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.generated)}
+        self._log_finish(seq, FinishReason.STOP)
+        self.sink.done(request, answer, usage=usage, timings=timings)
+
+    def _fail(self, seq: _Sequence, reason: FinishReason, status: int, message: str) -> None:
+        if seq in self._running:
+            self._running.remove(seq)
+        self._log_finish(seq, reason)
+        self.sink.error(seq.request, status, message, reason)
+
+    def _log_finish(self, seq: _Sequence, reason: FinishReason) -> None:
+        logger.info(
+            "request %s finished: %s after %d completion tokens",
+            seq.request.request_id,
+            reason.value,
+            len(seq.generated),
+        )

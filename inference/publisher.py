@@ -1,0 +1,173 @@
+"""The publisher: sends a request's events from the engine to its channel-layer group.
+
+channels-redis `group_send` silently drops a message sent to a full channel, so tokens are
+coalesced (one `chat.token` per request every `flush_interval_s`, 40 ms by default), every event
+is numbered (`seq`, from 1), and the terminal event carries the full answer. After a terminal
+event or a `discard`, nothing more is sent for that request.
+
+The publisher runs its own asyncio loop in a thread: the engine thread only enqueues and never
+waits on Redis. Events are sent one at a time in the order they were produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from inference.types import DoneEvent, ErrorEvent, FinishReason, GenerationRequest, QueuedEvent, TokenEvent
+
+logger = logging.getLogger(__name__)
+
+
+class LoopThread:
+    """An asyncio event loop running in a daemon thread.
+
+    `call(fn, *args)` schedules a plain function on the loop from any thread;
+    `submit(coro)` schedules a coroutine and returns a concurrent.futures.Future.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+
+
+@dataclass
+class _Stream:
+    request_id: str
+    group: str
+    seq: int = 0
+    pending: str = ""
+    flush_handle: asyncio.TimerHandle | None = None
+    closed: bool = False
+
+
+class ChannelLayerPublisher:
+    """An `EventSink` that publishes to a channels layer (see inference.engine.EventSink).
+
+    `layer` is a channels layer (e.g. channels_redis RedisChannelLayer) used only from the
+    publisher's loop. Thread-safe: every public method may be called from the engine thread.
+    """
+
+    def __init__(self, layer: Any, loop_thread: LoopThread, *, flush_interval_s: float = 0.04) -> None:
+        self.layer = layer
+        self.loop_thread = loop_thread
+        self.flush_interval_s = flush_interval_s
+        self._streams: dict[str, _Stream] = {}
+        self._outbox: asyncio.Queue[tuple[str, dict[str, Any]]] | None = None
+        self._sender = loop_thread.submit(self._send_forever())
+        self.sent = 0
+
+    # --- EventSink (engine thread) ---
+    def queued(self, request: GenerationRequest, position: int) -> None:
+        self.loop_thread.call(self._queued, request.request_id, request.group, position)
+
+    def token(self, request: GenerationRequest, text: str) -> None:
+        self.loop_thread.call(self._token, request.request_id, request.group, text)
+
+    def done(
+        self, request: GenerationRequest, answer: dict[str, Any], *, usage: dict[str, int], timings: dict[str, float]
+    ) -> None:
+        event = {"type": "chat.done", "data": answer, "finish_reason": FinishReason.STOP.value, "usage": usage, "timings": timings}
+        self.loop_thread.call(self._terminal, request.request_id, request.group, event)
+
+    def error(self, request: GenerationRequest, status: int, message: str, finish_reason: FinishReason) -> None:
+        event = {"type": "chat.error", "status": status, "message": message, "finish_reason": finish_reason.value}
+        self.loop_thread.call(self._terminal, request.request_id, request.group, event)
+
+    def discard(self, request_id: str) -> None:
+        self.loop_thread.call(self._discard, request_id)
+
+    def drain(self, timeout: float = 5.0) -> None:
+        """Block until every event published so far has been sent (used at shutdown and in tests)."""
+
+        async def _wait() -> None:
+            for stream in list(self._streams.values()):
+                self._flush_stream(stream)
+            if self._outbox is not None:
+                await self._outbox.join()
+
+        self.loop_thread.submit(_wait()).result(timeout)
+
+    # --- the loop ---
+    def _stream(self, request_id: str, group: str) -> _Stream:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            stream = self._streams[request_id] = _Stream(request_id=request_id, group=group)
+        return stream
+
+    def _enqueue(self, request_id: str, stream: _Stream, event: dict[str, Any]) -> None:
+        stream.seq += 1
+        event.update(request_id=request_id, seq=stream.seq)
+        assert self._outbox is not None
+        self._outbox.put_nowait((stream.group, event))
+
+    def _queued(self, request_id: str, group: str, position: int) -> None:
+        stream = self._stream(request_id, group)
+        if not stream.closed:
+            event: QueuedEvent = {"type": "chat.queued", "request_id": request_id, "seq": 0, "position": position}
+            self._enqueue(request_id, stream, dict(event))
+
+    def _token(self, request_id: str, group: str, text: str) -> None:
+        stream = self._stream(request_id, group)
+        if stream.closed:
+            return
+        stream.pending += text
+        if stream.flush_handle is None:
+            stream.flush_handle = self.loop_thread.loop.call_later(self.flush_interval_s, self._flush, request_id)
+
+    def _flush(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            self._flush_stream(stream)
+
+    def _flush_stream(self, stream: _Stream) -> None:
+        if stream.flush_handle is not None:
+            stream.flush_handle.cancel()
+            stream.flush_handle = None
+        if stream.pending and not stream.closed:
+            event: TokenEvent = {"type": "chat.token", "request_id": stream.request_id, "seq": 0, "text": stream.pending}
+            stream.pending = ""
+            self._enqueue(stream.request_id, stream, dict(event))
+
+    def _terminal(self, request_id: str, group: str, event: dict[str, Any]) -> None:
+        stream = self._stream(request_id, group)
+        if stream.closed:
+            return
+        self._flush_stream(stream)
+        stream.closed = True
+        typed: DoneEvent | ErrorEvent = event  # type: ignore[assignment]
+        self._enqueue(request_id, stream, dict(typed))
+        self._streams.pop(request_id, None)
+
+    def _discard(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None and stream.flush_handle is not None:
+            stream.flush_handle.cancel()
+
+    async def _send_forever(self) -> None:
+        self._outbox = asyncio.Queue()
+        while True:
+            group, event = await self._outbox.get()
+            try:
+                await self.layer.group_send(group, event)
+                self.sent += 1
+            except Exception:  # noqa: BLE001 - a lost Redis must not kill the publisher
+                logger.exception("could not publish %s for request %s", event["type"], event["request_id"])
+            finally:
+                self._outbox.task_done()
+

@@ -1,0 +1,137 @@
+"""The GPU worker's runtime: model, engine, publisher, cancel listener and heartbeat, started once.
+
+The Celery worker (celery_app, solo pool, queue `gpu`) starts one `WorkerRuntime` before it
+consumes tasks; a task only calls `runtime.engine.submit(...)` and returns, so the solo pool is
+never held while a request generates. Cancels arrive as `engine.cancel` messages on the
+channel-layer group `CONTROL_GROUP`, which every GPU worker joins. The heartbeat is a Redis key
+`HEARTBEAT_PREFIX + worker name` with a short TTL, refreshed every `heartbeat_interval_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from inference.engine import Engine
+from inference.loading import LoadedModel, ModelSettings, load_model
+from inference.publisher import ChannelLayerPublisher, LoopThread
+from inference.types import CONTROL_GROUP, HEARTBEAT_PREFIX
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything the runtime needs, read from Django settings by celery_app.
+
+    channel_layer: the channels-redis layer config (`{"hosts": [...], "capacity": ..., ...}`).
+    heartbeat_ttl_s: how long a heartbeat stays valid; listeners treat a worker whose key has
+    expired as dead.
+    """
+
+    model: ModelSettings
+    redis_url: str
+    channel_layer: dict[str, Any]
+    max_running: int = 8
+    flush_interval_s: float = 0.04
+    heartbeat_interval_s: float = 2.0
+    heartbeat_ttl_s: float = 10.0
+    name: str = ""
+
+
+class WorkerRuntime:
+    """Owns the loaded model and the engine thread for the life of the worker process."""
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.name = settings.name or f"{socket.gethostname()}:{os.getpid()}"
+        self.loaded: LoadedModel | None = None
+        self.engine: Engine | None = None
+        self._loop = LoopThread("leafresh-publisher")
+        self._control: Any = None
+        self.publisher: ChannelLayerPublisher | None = None
+
+    def start(self) -> None:
+        """Load the model (once), start the engine, the publisher, the cancel listener and heartbeat.
+
+        Raises inference.loading.ModelLoadError if the model cannot be loaded.
+        """
+        from channels_redis.core import RedisChannelLayer
+
+        started = time.monotonic()
+        self.loaded = load_model(self.settings.model)
+        layer = RedisChannelLayer(**self.settings.channel_layer)
+        self.publisher = ChannelLayerPublisher(layer, self._loop, flush_interval_s=self.settings.flush_interval_s)
+        self.engine = Engine(self.loaded, self.publisher, max_running=self.settings.max_running)
+        self.engine.start()
+        ready = self._loop.submit(self._join_control_group(layer))
+        ready.result(timeout=30)
+        self._control = self._loop.submit(self._control_forever(layer))
+        logger.info("worker %s ready with %s in %.1f s", self.name, self.loaded.name, time.monotonic() - started)
+
+    def stop(self) -> None:
+        """Stop the engine (in-flight requests get an `error` event), flush events, drop the heartbeat."""
+        if self.engine is not None:
+            self.engine.stop()
+        if self.publisher is not None:
+            try:
+                self.publisher.drain(timeout=5)
+            except Exception:  # noqa: BLE001
+                logger.warning("could not flush all events at shutdown")
+        if self._control is not None:
+            self._control.cancel()
+        try:
+            self._loop.submit(self._drop_heartbeat()).result(timeout=5)
+        except Exception:  # noqa: BLE001
+            pass
+        self._loop.stop()
+
+    async def _join_control_group(self, layer: Any) -> None:
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.Redis.from_url(self.settings.redis_url)
+        self._channel = await layer.new_channel("engine.")
+        await layer.group_add(CONTROL_GROUP, self._channel)
+        await self._beat()
+
+    async def _beat(self) -> None:
+        assert self.engine is not None and self.loaded is not None
+        running, waiting = self.engine.load
+        payload = {"name": self.name, "model": self.loaded.name, "running": running, "waiting": waiting, "at": time.time()}
+        await self._redis.set(HEARTBEAT_PREFIX + self.name, json.dumps(payload, ensure_ascii=False), px=int(self.settings.heartbeat_ttl_s * 1000))
+
+    async def _drop_heartbeat(self) -> None:
+        await self._redis.delete(HEARTBEAT_PREFIX + self.name)
+
+    async def _control_forever(self, layer: Any) -> None:
+        async def heartbeat() -> None:
+            beats = 0
+            while True:
+                await asyncio.sleep(self.settings.heartbeat_interval_s)
+                try:
+                    await self._beat()
+                    beats += 1
+                    if beats % 30 == 0:  # group membership expires (channels-redis group_expiry)
+                        await layer.group_add(CONTROL_GROUP, self._channel)
+                except Exception:  # noqa: BLE001
+                    logger.warning("heartbeat failed", exc_info=True)
+
+        beat_task = asyncio.create_task(heartbeat())
+        try:
+            while True:
+                try:
+                    message = await layer.receive(self._channel)
+                except Exception:  # noqa: BLE001
+                    logger.warning("control channel receive failed", exc_info=True)
+                    await asyncio.sleep(1)
+                    continue
+                if message.get("type") == "engine.cancel" and self.engine is not None:
+                    self.engine.cancel(str(message.get("request_id", "")))
+        finally:
+            beat_task.cancel()

@@ -1,0 +1,127 @@
+"""Django settings, read once from the environment (12-factor; django-environ).
+
+Every variable has a development default, so `make run` works with no `.env`. `.env.example`
+lists them all; a `.env` file beside manage.py is read when present.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env")
+
+DEBUG = env.bool("DJANGO_DEBUG", default=True)
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="dev-only-insecure-key-change-me")
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
+
+# Caches, models and indexes live here (never /tmp).
+DATA_DIR = Path(env.str("LEAFRESH_DATA_DIR", default=str(BASE_DIR / "var"))).resolve()
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "chatbot",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "leafresh.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+ASGI_APPLICATION = "leafresh.asgi.application"
+
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # daphne and the worker share the file; wait for locks instead of failing at once.
+    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
+
+LANGUAGE_CODE = "ko-kr"
+TIME_ZONE = "Asia/Seoul"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis: the Celery broker and the channel layer ---
+REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {
+            # redis-py 8 defaults to a 5 s socket timeout, the same as channels-redis's 5 s blocking
+            # pop: every idle receive would fail. Reads wait longer than the pop; connects stay short.
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}],
+            "prefix": env.str("LEAFRESH_CHANNEL_PREFIX", default="leafresh"),
+            # group_send drops messages to a full channel: size it for the slowest listener.
+            "capacity": env.int("LEAFRESH_CHANNEL_CAPACITY", default=1000),
+            "expiry": env.int("LEAFRESH_CHANNEL_EXPIRY_S", default=120),
+        },
+    }
+}
+
+CELERY_BROKER_URL = REDIS_URL
+CELERY_TASK_ROUTES = {"chatbot.generate": {"queue": "gpu"}}
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+
+# --- the model (GPU worker) ---
+LEAFRESH_MODEL = env.str("LEAFRESH_MODEL", default="")  # hub id or local dir; empty = the demo model
+LEAFRESH_DEMO_MODEL_DIR = DATA_DIR / "models" / "leafresh-demo-tiny-mistral"
+LEAFRESH_QUANTIZATION = env.str("LEAFRESH_QUANTIZATION", default="none")  # none | 4bit | 8bit
+LEAFRESH_DTYPE = env.str("LEAFRESH_DTYPE", default="auto")  # auto | float32 | bfloat16 | float16
+LEAFRESH_DEVICE = env.str("LEAFRESH_DEVICE", default="auto")  # auto | cpu | cuda[:n]
+HF_TOKEN = env.str("HF_TOKEN", default="") or None
+HF_CACHE_DIR = DATA_DIR / "hf"
+LEAFRESH_MAX_RUNNING = env.int("LEAFRESH_MAX_RUNNING", default=8)
+LEAFRESH_FLUSH_INTERVAL_S = env.float("LEAFRESH_FLUSH_INTERVAL_S", default=0.04)
+LEAFRESH_HEARTBEAT_TTL_S = env.float("LEAFRESH_HEARTBEAT_TTL_S", default=10.0)
+
+# --- streams ---
+LEAFRESH_PING_INTERVAL_S = env.float("LEAFRESH_PING_INTERVAL_S", default=5.0)  # `: ping` while waiting
+LEAFRESH_ACCEPT_TIMEOUT_S = env.float("LEAFRESH_ACCEPT_TIMEOUT_S", default=15.0)  # no worker took the request
+LEAFRESH_TTFT_TIMEOUT_S = env.float("LEAFRESH_TTFT_TIMEOUT_S", default=60.0)
+LEAFRESH_TOTAL_TIMEOUT_S = env.float("LEAFRESH_TOTAL_TIMEOUT_S", default=180.0)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("LEAFRESH_LOG_LEVEL", default="INFO")},
+    "loggers": {"daphne": {"level": "WARNING"}, "django.channels.server": {"level": "WARNING"}},
+}
