@@ -42,13 +42,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         self.session_id = self.scope["url_route"]["kwargs"]["session_id"]
         self.task: asyncio.Task[None] | None = None
+        self.finished = True  # the current request has had its terminal frame (or there is none)
         await self.accept()
         if contract._clean(self.session_id, contract.LIMITS["sessionId"]) is None:
             await self._error(400, f"{contract.MESSAGE_INVALID} 확인할 항목: sessionId", invalid_fields=["sessionId"])
             await self.close(code=4400)
 
     async def disconnect(self, code: int) -> None:
-        if self.task is not None and not self.task.done():
+        if self.task is not None and not self.task.done() and not self.finished:
             self.task.cancel()  # the listener's finally cancels the generation in the engine
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
@@ -69,7 +70,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._error(400, f"{contract.MESSAGE_BAD_FRAME} 알 수 없는 type입니다.")
 
     async def _start(self, kind: str, frame: dict[str, Any]) -> None:
-        if self.task is not None and not self.task.done():
+        if not self.finished:
             await self._error(409, contract.MESSAGE_BUSY)
             return
         try:
@@ -81,6 +82,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             logger.exception("recommendation is not configured")
             await self._error(503, contract.MESSAGE_NO_WORKER)
             return
+        self.finished = False
         self.task = asyncio.create_task(self._relay(generation))
 
     async def _relay(self, generation: GenerationRequest) -> None:
@@ -94,19 +96,24 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 elif kind == "chat.token":
                     await self._send({"type": "chat.token", "seq": item["seq"], "text": item["text"]})
                 elif kind == "chat.done":
+                    self.finished = True  # before the send: a stop from now on has nothing to stop
                     await self._send({"type": "chat.done", "data": item["data"]})
                 elif kind == "chat.error":
+                    self.finished = True
                     await self._error(int(item["status"]), item["message"])
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - end with one error frame, never a silent stall
             logger.exception("relay failed for request %s", generation.request_id)
-            await self._error(500, contract.MESSAGE_INTERNAL)
+            if not self.finished:
+                self.finished = True
+                await self._error(500, contract.MESSAGE_INTERNAL)
 
     async def _stop(self) -> None:
         task = self.task
-        if task is None or task.done():
+        if self.finished or task is None:
             return
+        self.finished = True
         task.cancel()
         try:
             await task

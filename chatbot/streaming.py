@@ -46,18 +46,34 @@ def _error(request: GenerationRequest, seq: int, status: int, message: str, reas
     }
 
 
+async def _receive_forever(layer: Any, channel: str, inbox: asyncio.Queue[dict[str, Any] | BaseException]) -> None:
+    """Move messages from the channel to `inbox`. channels-redis may lose messages of a process-local
+    channel when `receive()` is cancelled, so it runs in one task that is cancelled only at the end."""
+    try:
+        while True:
+            inbox.put_nowait(await layer.receive(channel))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - handed to the listener, which ends the stream with an error
+        inbox.put_nowait(exc)
+
+
 async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dict[str, Any] | Ping]:
     """Dispatch `request` and yield its events until (and including) exactly one terminal event."""
     layer = get_channel_layer()
     ping_interval = settings.LEAFRESH_PING_INTERVAL_S
     accept_deadline = time.monotonic() + settings.LEAFRESH_ACCEPT_TIMEOUT_S
     total_deadline = time.monotonic() + request.total_timeout_s + 5  # the engine's own deadline comes first
-    channel = await layer.new_channel("listen.")
+    # The default prefix: channels-redis polls every process-local channel through one shared name.
+    channel = await layer.new_channel()
+    inbox: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
+    receiver: asyncio.Task[None] | None = None
     last_seq = 0
     accepted = False
     finished = False
     try:
         await layer.group_add(request.group, channel)
+        receiver = asyncio.create_task(_receive_forever(layer, channel, inbox))
         if not await worker_alive():
             finished = True
             yield _error(request, 1, 503, contract.MESSAGE_NO_WORKER, FinishReason.ERROR)
@@ -74,10 +90,12 @@ async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dic
                     yield _error(request, last_seq + 1, 503, contract.MESSAGE_NO_WORKER, FinishReason.ERROR)
                 return
             try:
-                message = await asyncio.wait_for(layer.receive(channel), timeout=min(ping_interval, deadline - now))
+                message = await asyncio.wait_for(inbox.get(), timeout=min(ping_interval, deadline - now))
             except asyncio.TimeoutError:
                 yield Ping()
                 continue
+            if isinstance(message, BaseException):
+                raise message
             if message.get("request_id") != request.request_id:
                 continue  # another request of the same session
             seq = int(message.get("seq", 0))
@@ -97,6 +115,8 @@ async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dic
         finished = True
         yield _error(request, last_seq + 1, 500, contract.MESSAGE_INTERNAL, FinishReason.ERROR)
     finally:
+        if receiver is not None:
+            receiver.cancel()
         if not finished:
             try:
                 await asyncio.shield(recommendation_cancel(request_id=request.request_id))

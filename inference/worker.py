@@ -55,6 +55,7 @@ class WorkerRuntime:
         self.engine: Engine | None = None
         self._loop = LoopThread("leafresh-publisher")
         self._control: Any = None
+        self._control_task: asyncio.Task[None] | None = None
         self.publisher: ChannelLayerPublisher | None = None
 
     def start(self) -> None:
@@ -84,19 +85,17 @@ class WorkerRuntime:
                 self.publisher.drain(timeout=5)
             except Exception:  # noqa: BLE001
                 logger.warning("could not flush all events at shutdown")
-        if self._control is not None:
-            self._control.cancel()
         try:
-            self._loop.submit(self._drop_heartbeat()).result(timeout=5)
+            self._loop.submit(self._shutdown()).result(timeout=5)
         except Exception:  # noqa: BLE001
-            pass
+            logger.warning("unclean control shutdown", exc_info=True)
         self._loop.stop()
 
     async def _join_control_group(self, layer: Any) -> None:
         import redis.asyncio as aioredis
 
         self._redis = aioredis.Redis.from_url(self.settings.redis_url)
-        self._channel = await layer.new_channel("engine.")
+        self._channel = await layer.new_channel()  # default prefix (see chatbot.streaming)
         await layer.group_add(CONTROL_GROUP, self._channel)
         await self._beat()
 
@@ -106,10 +105,16 @@ class WorkerRuntime:
         payload = {"name": self.name, "model": self.loaded.name, "running": running, "waiting": waiting, "at": time.time()}
         await self._redis.set(HEARTBEAT_PREFIX + self.name, json.dumps(payload, ensure_ascii=False), px=int(self.settings.heartbeat_ttl_s * 1000))
 
-    async def _drop_heartbeat(self) -> None:
+    async def _shutdown(self) -> None:
+        if self._control_task is not None:
+            self._control_task.cancel()
+            await asyncio.gather(self._control_task, return_exceptions=True)
         await self._redis.delete(HEARTBEAT_PREFIX + self.name)
+        await self._redis.aclose()
 
     async def _control_forever(self, layer: Any) -> None:
+        self._control_task = asyncio.current_task()  # type: ignore[assignment]
+
         async def heartbeat() -> None:
             beats = 0
             while True:
@@ -135,3 +140,4 @@ class WorkerRuntime:
                     self.engine.cancel(str(message.get("request_id", "")))
         finally:
             beat_task.cancel()
+            await asyncio.gather(beat_task, return_exceptions=True)

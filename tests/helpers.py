@@ -1,0 +1,103 @@
+"""Test helpers: a strict SSE wire parser and the checks every stream must pass."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from inference.render import render_answer
+
+TERMINAL = {"close", "error"}
+
+
+@dataclass
+class SSEEvent:
+    id: int
+    event: str
+    data: dict[str, Any]
+
+
+@dataclass
+class SSEStream:
+    status_code: int
+    headers: httpx.Headers
+    raw: bytes
+    blocks: list[SSEEvent | None]  # None is a `: ping` comment
+
+    @property
+    def events(self) -> list[SSEEvent]:
+        return [b for b in self.blocks if b is not None]
+
+    @property
+    def pings(self) -> int:
+        return sum(b is None for b in self.blocks)
+
+    @property
+    def terminal(self) -> SSEEvent:
+        return self.events[-1]
+
+    @property
+    def text(self) -> str:
+        return "".join(e.data["data"] for e in self.events if e.event == "challenge")
+
+
+def parse_sse(raw: bytes) -> list[SSEEvent | None]:
+    """Parse a complete SSE body strictly: every block is `: ping` or exactly id/event/data lines.
+
+    Raises AssertionError on anything else (so a malformed stream fails the test).
+    """
+    text = raw.decode("utf-8")
+    assert text.endswith("\n\n"), f"stream does not end with a blank line: {text[-80:]!r}"
+    blocks: list[SSEEvent | None] = []
+    for block in text[:-2].split("\n\n"):
+        if block == ": ping":
+            blocks.append(None)
+            continue
+        lines = block.split("\n")
+        assert len(lines) == 3, f"an event must be id/event/data lines: {block!r}"
+        assert lines[0].startswith("id: ") and lines[1].startswith("event: ") and lines[2].startswith("data: "), block
+        event = lines[1][len("event: ") :]
+        assert event, "empty event name"
+        data = json.loads(lines[2][len("data: ") :])
+        assert set(data) == {"status", "message", "data"}, data
+        blocks.append(SSEEvent(int(lines[0][len("id: ") :]), event, data))
+    return blocks
+
+
+def get_sse(client: httpx.Client, url: str, params: dict[str, str] | None) -> SSEStream:
+    """GET an SSE endpoint and read the body to its end."""
+    with client.stream("GET", url, params=params) as response:
+        raw = b"".join(response.iter_raw())
+    blocks = parse_sse(raw) if response.status_code == 200 else []
+    return SSEStream(response.status_code, response.headers, raw, blocks)
+
+
+def assert_one_terminal_last(stream: SSEStream) -> None:
+    """Exactly one terminal event, last, with nothing (no ping, no bytes) after it."""
+    kinds = [e.event for e in stream.events]
+    assert sum(k in TERMINAL for k in kinds) == 1, kinds
+    last = stream.blocks[-1]
+    assert last is not None and last.event in TERMINAL, "the stream must end with its terminal event (no ping after it)"
+    ids = [e.id for e in stream.events]
+    assert ids == sorted(set(ids)), f"event ids must increase: {ids}"
+
+
+def assert_valid_answer(answer: dict[str, Any], *, category: str | None = None) -> None:
+    """The close payload: a recommendation and three challenges with category code and Korean label."""
+    assert isinstance(answer["recommend"], str) and answer["recommend"].strip()
+    assert len(answer["challenges"]) == 3
+    for challenge in answer["challenges"]:
+        assert set(challenge) == {"title", "description", "category", "label"}, challenge
+        assert challenge["title"].strip() and challenge["description"].strip()
+        if category is not None:
+            assert challenge["category"] == category
+
+
+def assert_deltas_render_answer(text: str, answer: dict[str, Any]) -> None:
+    """The concatenated deltas are the human-readable rendering, never JSON syntax."""
+    assert text == render_answer(answer)
+    for syntax in ('{"', '":"', '"}', '","', "[{"):
+        assert syntax not in text, f"JSON syntax {syntax!r} in the streamed text"

@@ -1,0 +1,236 @@
+"""The Spring contract and the WebSocket protocol against the live stack (daphne + Celery worker + Redis)."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
+
+import httpx
+import pytest
+from websockets.sync.client import connect
+
+from tests.helpers import (
+    assert_deltas_render_answer,
+    assert_one_terminal_last,
+    assert_valid_answer,
+    get_sse,
+    parse_sse,
+)
+
+BASE_INFO = "/ai/chatbot/recommendation/base-info"
+FREE_TEXT = "/ai/chatbot/recommendation/free-text"
+KOREAN_BASE_INFO = {"sessionId": "e2e-base", "location": "해안가", "workType": "사무직", "category": "제로웨이스트"}
+
+
+@pytest.fixture
+def client(stack):  # noqa: ANN001, ANN201
+    with httpx.Client(base_url=stack.base_url, timeout=60) as c:
+        yield c
+
+
+def test_healthz_and_page_answer(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    page = client.get("/")
+    assert page.status_code == 200
+    assert "친환경 챌린지" in page.text and "제로웨이스트" in page.text
+
+
+def test_base_info_sse_streams_text_then_one_close(client: httpx.Client) -> None:
+    stream = get_sse(client, BASE_INFO, KOREAN_BASE_INFO)
+    assert stream.status_code == 200
+    assert stream.headers["content-type"] == "text/event-stream"
+    assert stream.headers["cache-control"] == "no-cache"
+    assert stream.headers["x-accel-buffering"] == "no"
+    assert "content-encoding" not in stream.headers
+    assert_one_terminal_last(stream)
+    close = stream.terminal
+    assert close.event == "close"
+    assert close.data["status"] == 200 and close.data["message"] == "모든 챌린지 추천 완료"
+    answer = close.data["data"]
+    assert_valid_answer(answer, category="ZERO_WASTE")
+    assert {c["label"] for c in answer["challenges"]} == {"제로웨이스트"}
+    challenges = [e for e in stream.events if e.event == "challenge"]
+    assert challenges, "no challenge deltas before close"
+    assert all(e.data["status"] == 200 and e.data["message"] == "토큰 생성" for e in challenges)
+    assert_deltas_render_answer(stream.text, answer)
+    assert "\\u" not in stream.raw.decode(), "Korean must not be \\u-escaped on the wire"
+
+
+def test_percent_encoded_korean_query_is_understood(client: httpx.Client) -> None:
+    query = "&".join(f"{k}={quote(v)}" for k, v in {**KOREAN_BASE_INFO, "category": "비건"}.items())
+    stream = get_sse(client, f"{BASE_INFO}?{query}", None)
+    assert stream.terminal.event == "close"
+    assert_valid_answer(stream.terminal.data["data"], category="VEGAN")
+    assert stream.terminal.data["data"]["challenges"][0]["label"] == "비건"
+
+
+def test_category_code_is_accepted_as_well_as_label(client: httpx.Client) -> None:
+    stream = get_sse(client, BASE_INFO, {**KOREAN_BASE_INFO, "category": "PLOGGING"})
+    assert stream.terminal.event == "close"
+    assert_valid_answer(stream.terminal.data["data"], category="PLOGGING")
+
+
+def test_free_text_sse_completes_with_keyword_category(client: httpx.Client) -> None:
+    stream = get_sse(client, FREE_TEXT, {"sessionId": "e2e-free", "message": "요즘 전기 요금이 너무 많이 나와서 에너지를 아끼고 싶어요"})
+    assert_one_terminal_last(stream)
+    assert stream.terminal.event == "close"
+    answer = stream.terminal.data["data"]
+    assert_valid_answer(answer, category="ENERGY_SAVING")
+    assert_deltas_render_answer(stream.text, answer)
+
+
+def test_post_answers_one_json_document(client: httpx.Client) -> None:
+    response = client.post(BASE_INFO, json=KOREAN_BASE_INFO)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert body["status"] == 200 and body["message"] == "모든 챌린지 추천 완료"
+    assert_valid_answer(body["data"], category="ZERO_WASTE")
+    free = client.post(FREE_TEXT, json={"sessionId": "e2e-post", "message": "일회용품을 줄이고 싶어요"})
+    assert free.status_code == 200
+    assert_valid_answer(free.json()["data"])
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "invalid"),
+    [
+        (BASE_INFO, {"sessionId": "s", "location": "도시", "workType": "사무직"}, ["category"]),
+        (BASE_INFO, {"sessionId": "", "location": "도시", "workType": "사무직", "category": "비건"}, ["sessionId"]),
+        (BASE_INFO, {"sessionId": "s", "location": "   ", "workType": "사무직", "category": "비건"}, ["location"]),
+        (BASE_INFO, {"sessionId": "s", "location": "도" * 51, "workType": "사무직", "category": "비건"}, ["location"]),
+        (BASE_INFO, {"sessionId": "s", "location": "도시", "workType": "사무직", "category": "우주여행"}, ["category"]),
+        (BASE_INFO, {}, ["sessionId", "location", "workType", "category"]),
+        (FREE_TEXT, {"sessionId": "s"}, ["message"]),
+        (FREE_TEXT, {"sessionId": "s", "message": "가" * 501}, ["message"]),
+        (FREE_TEXT, {"sessionId": "s", "message": "안녕\x00하세요"}, ["message"]),
+    ],
+)
+def test_bad_input_is_a_400_before_any_stream(client: httpx.Client, path: str, params: dict, invalid: list[str]) -> None:
+    for response in (client.get(path, params=params), client.post(path, json=params)):
+        assert response.status_code == 400
+        assert response.headers["content-type"].startswith("application/json")
+        body = response.json()
+        assert body["status"] == 400 and body["message"]
+        assert body["data"] == {"invalidFields": invalid}
+
+
+def test_post_with_a_body_that_is_not_a_json_object_is_a_400(client: httpx.Client) -> None:
+    for content in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        response = client.post(BASE_INFO, content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 400
+        assert response.json()["data"] == {"invalidFields": ["body"]}
+
+
+def test_six_concurrent_streams_each_end_with_exactly_one_terminal_event(client: httpx.Client, stack) -> None:  # noqa: ANN001
+    def sse(i: int):  # noqa: ANN202
+        if i % 2:
+            return get_sse(client, FREE_TEXT, {"sessionId": f"c{i}", "message": f"플라스틱 쓰레기를 줄이고 싶어요 {i}"})
+        return get_sse(client, BASE_INFO, {**KOREAN_BASE_INFO, "sessionId": f"c{i}"})
+
+    def ws(i: int) -> list[dict]:
+        return _ws_exchange(stack, f"w{i}", {"type": "chat.message", "message": "고기를 줄여 보고 싶어요"})
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        sse_futures = [pool.submit(sse, i) for i in range(4)]
+        ws_futures = [pool.submit(ws, i) for i in range(2)]
+        streams = [f.result(timeout=120) for f in sse_futures]
+        frames = [f.result(timeout=120) for f in ws_futures]
+    for stream in streams:
+        assert_one_terminal_last(stream)
+        assert stream.terminal.event == "close"
+        assert_deltas_render_answer(stream.text, stream.terminal.data["data"])
+    assert sum(s.pings for s in streams) > 0, "no `: ping` while waiting between coalesced events"
+    for received in frames:
+        terminal = [f for f in received if f["type"] in ("chat.done", "chat.error")]
+        assert len(terminal) == 1 and received[-1] is terminal[0]
+        assert terminal[0]["type"] == "chat.done"
+
+
+def _ws_exchange(stack, session: str, *frames: dict, until: int = 1, timeout: float = 60) -> list[dict]:  # noqa: ANN001
+    """Send frames, collect server frames until `until` terminal frames arrived, then 0.3 s more."""
+    received: list[dict] = []
+    with connect(f"{stack.ws_url}/ws/chat/{quote(session)}/", origin=stack.origin, open_timeout=10) as socket:
+        for frame in frames:
+            socket.send(frame if isinstance(frame, str) else json.dumps(frame, ensure_ascii=False))
+        deadline = time.monotonic() + timeout
+        terminals = 0
+        while terminals < until and time.monotonic() < deadline:
+            message = json.loads(socket.recv(timeout=deadline - time.monotonic()))
+            received.append(message)
+            terminals += message["type"] in ("chat.done", "chat.error")
+        try:
+            while True:
+                received.append(json.loads(socket.recv(timeout=0.3)))
+        except TimeoutError:
+            pass
+    return received
+
+
+def test_websocket_base_info_streams_tokens_then_done(stack) -> None:  # noqa: ANN001
+    received = _ws_exchange(
+        stack, "ws-base", {"type": "chat.base_info", "location": "산", "workType": "현장직", "category": "플로깅"}
+    )
+    types = [m["type"] for m in received]
+    assert types[0] == "chat.queued" and received[0]["position"] >= 0
+    assert types[-1] == "chat.done" and types.count("chat.done") == 1
+    tokens = [m for m in received if m["type"] == "chat.token"]
+    assert tokens and [t["seq"] for t in tokens] == sorted({t["seq"] for t in tokens})
+    answer = received[-1]["data"]
+    assert_valid_answer(answer, category="PLOGGING")
+    assert_deltas_render_answer("".join(t["text"] for t in tokens), answer)
+
+
+def test_websocket_bad_frames_get_400_and_the_socket_stays_usable(stack) -> None:  # noqa: ANN001
+    received = _ws_exchange(
+        stack,
+        "ws-bad",
+        "{not json",
+        json.dumps(["a", "list"]),
+        {"type": "chat.dance"},
+        {"type": "chat.base_info", "location": "도시", "workType": "사무직", "category": "없는카테고리"},
+        {"type": "chat.message", "message": ""},
+        {"type": "chat.message", "message": "자전거로 출퇴근하고 싶어요"},
+        until=6,
+    )
+    errors = [m for m in received if m["type"] == "chat.error"]
+    assert [e["status"] for e in errors] == [400, 400, 400, 400, 400]
+    assert errors[3]["invalidFields"] == ["category"] and errors[4]["invalidFields"] == ["message"]
+    assert all(e["message"] for e in errors)
+    assert received[-1]["type"] == "chat.done", "the socket must still serve a valid request"
+
+
+def test_websocket_second_request_while_one_runs_gets_409(stack) -> None:  # noqa: ANN001
+    message = {"type": "chat.message", "message": "채식을 시작하고 싶어요"}
+    received = _ws_exchange(stack, "ws-busy", message, message, until=2)
+    terminal = [m for m in received if m["type"] in ("chat.done", "chat.error")]
+    assert [m.get("status") for m in terminal if m["type"] == "chat.error"] == [409]
+    assert [m["type"] for m in terminal].count("chat.done") == 1
+
+
+def test_websocket_stop_ends_the_request_with_one_499_and_nothing_after(stack) -> None:  # noqa: ANN001
+    received = _ws_exchange(
+        stack, "ws-stop", {"type": "chat.message", "message": "텀블러를 쓰고 싶어요"}, {"type": "chat.stop"}, until=1
+    )
+    terminal = [m for m in received if m["type"] in ("chat.done", "chat.error")]
+    assert len(terminal) == 1
+    assert received[-1] is terminal[0], "nothing may follow the terminal frame (0.3 s watched)"
+    assert terminal[0]["type"] == "chat.error" and terminal[0]["status"] == 499
+    # The socket still serves the next request.
+    again = _ws_exchange(stack, "ws-stop", {"type": "chat.message", "message": "텀블러를 쓰고 싶어요"})
+    assert again[-1]["type"] == "chat.done"
+
+
+def test_websocket_rejects_a_foreign_origin(stack) -> None:  # noqa: ANN001
+    with pytest.raises(Exception) as excinfo:  # noqa: PT011 - websockets raises InvalidStatus
+        with connect(f"{stack.ws_url}/ws/chat/x/", origin="http://evil.example", open_timeout=10):
+            pass
+    assert "403" in str(excinfo.value)
+
+
+def test_sse_parser_rejects_malformed_streams() -> None:
+    with pytest.raises(AssertionError):
+        parse_sse(b"event: challenge\ndata: {}\n\n")
+    with pytest.raises(AssertionError):
+        parse_sse(b'id: 1\nevent: close\ndata: {"status":200,"message":"m","data":null}\n')

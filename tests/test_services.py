@@ -1,0 +1,59 @@
+"""Services and selectors against the test database (seeded by the data migration)."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatbot.contract import ContractError, check_base_info, check_free_text
+from chatbot.models import Category, PromptTemplate
+from chatbot.prompts import PromptTemplateError, build_messages
+from chatbot.services import recommendation_build_base_info, recommendation_build_free_text, session_group_name
+
+pytestmark = pytest.mark.django_db
+
+
+def test_migration_seeds_eight_categories_and_two_active_prompts() -> None:
+    assert list(Category.objects.values_list("code", "label")) == [
+        ("ZERO_WASTE", "제로웨이스트"),
+        ("PLOGGING", "플로깅"),
+        ("CARBON_FOOTPRINT", "탄소발자국"),
+        ("ENERGY_SAVING", "에너지 절약"),
+        ("UPCYCLING", "업사이클"),
+        ("MEDIA", "문화 공유"),
+        ("DIGITAL_CARBON", "디지털 탄소"),
+        ("VEGAN", "비건"),
+    ]
+    assert sorted(PromptTemplate.objects.filter(is_active=True).values_list("mode", flat=True)) == ["base_info", "free_text"]
+
+
+def test_base_info_request_carries_the_prompt_category_and_sampling() -> None:
+    request = recommendation_build_base_info(
+        checked=check_base_info({"sessionId": "s1", "location": "농촌", "workType": "현장직", "category": "업사이클"})
+    )
+    assert request.default_category == "UPCYCLING" and request.category_labels["UPCYCLING"] == "업사이클"
+    assert [m["role"] for m in request.messages] == ["system", "user"]
+    assert "농촌" in request.messages[1]["content"] and "업사이클" in request.messages[1]["content"]
+    assert request.group == session_group_name("s1") and request.group.isascii() and len(request.group) < 100
+    assert request.sampling.max_new_tokens == 512
+
+
+def test_an_inactive_category_is_rejected_without_a_restart() -> None:
+    Category.objects.filter(code="VEGAN").update(is_active=False)
+    with pytest.raises(ContractError) as excinfo:
+        recommendation_build_base_info(
+            checked=check_base_info({"sessionId": "s", "location": "도시", "workType": "사무직", "category": "비건"})
+        )
+    assert excinfo.value.invalid_fields == ["category"]
+
+
+def test_free_text_category_follows_the_message_keywords() -> None:
+    request = recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": "이메일이랑 클라우드 정리를 하고 싶어요"}))
+    assert request.default_category == "DIGITAL_CARBON"
+    assert "이메일이랑" in request.messages[1]["content"]
+
+
+def test_user_text_is_substituted_as_text_not_as_template_syntax() -> None:
+    messages = build_messages(system="s", user_template="메시지: {message}", fields={"message": "{location} {0} }{"})
+    assert messages[1]["content"] == "메시지: {location} {0} }{"
+    with pytest.raises(PromptTemplateError):
+        build_messages(system="s", user_template="{unknown}", fields={"message": "x"})
