@@ -105,14 +105,16 @@ async def recommendation_cancel(*, request_id: str) -> None:
 _redis: dict[int, Any] = {}
 
 
-async def worker_alive() -> bool:
-    """True when at least one GPU worker's heartbeat key has not expired."""
+async def worker_alive(*, name: str | None = None) -> bool:
+    """True when the named GPU worker's heartbeat (or, with no name, any worker's) has not expired."""
     import asyncio
 
     loop_id = id(asyncio.get_running_loop())
     client = _redis.get(loop_id)
     if client is None:
-        client = _redis[loop_id] = aioredis.Redis.from_url(settings.REDIS_URL)
+        client = _redis[loop_id] = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+    if name:
+        return bool(await client.exists(HEARTBEAT_PREFIX + name))
     async for _ in client.scan_iter(match=HEARTBEAT_PREFIX + "*", count=100):
         return True
     return False

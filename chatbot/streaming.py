@@ -5,8 +5,8 @@ the WebSocket consumer consume them.
 the task, then yields the request's events in order: `chat.queued`, `chat.token`s, and exactly one
 terminal event (`chat.done` or `chat.error`), after which it ends. While nothing arrives it yields
 `Ping` every `ping_interval_s` so the caller can keep the connection alive. Every failure becomes a
-terminal `chat.error`: no live worker (503), no worker took the request (503), deadline (504),
-Redis or any other exception (500). If the consumer stops iterating before the terminal event
+terminal `chat.error`: no live worker (503), no worker took the request (503), the worker that took
+it stopped sending heartbeats (503), deadline (504), Redis or any other exception (500). If the consumer stops iterating before the terminal event
 (client gone, stop pressed), the request is cancelled in the engine.
 """
 
@@ -28,6 +28,7 @@ from chatbot.services import recommendation_cancel, recommendation_dispatch, wor
 from inference.types import TERMINAL_TYPES, FinishReason, GenerationRequest
 
 logger = logging.getLogger(__name__)
+LIVENESS_CHECK_INTERVAL_S = 1.0  # how often a waiting listener checks its worker's heartbeat
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dic
     receiver: asyncio.Task[None] | None = None
     last_seq = 0
     accepted = False
+    worker: str | None = None  # who took the request, from chat.queued
+    next_liveness_check = 0.0
     finished = False
     try:
         await layer.group_add(request.group, channel)
@@ -89,6 +92,12 @@ async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dic
                 else:
                     yield _error(request, last_seq + 1, 503, contract.MESSAGE_NO_WORKER, FinishReason.ERROR)
                 return
+            if worker and now >= next_liveness_check:
+                next_liveness_check = now + LIVENESS_CHECK_INTERVAL_S
+                if not await worker_alive(name=worker):
+                    finished = True
+                    yield _error(request, last_seq + 1, 503, contract.MESSAGE_WORKER_LOST, FinishReason.ERROR)
+                    return
             try:
                 message = await asyncio.wait_for(inbox.get(), timeout=min(ping_interval, deadline - now))
             except asyncio.TimeoutError:
@@ -103,6 +112,8 @@ async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dic
                 continue  # a duplicate delivery
             last_seq = seq
             accepted = True
+            if message.get("type") == "chat.queued":
+                worker = message.get("worker") or None
             if message.get("type") in TERMINAL_TYPES:
                 finished = True
                 yield message
@@ -118,6 +129,7 @@ async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dic
         if receiver is not None:
             receiver.cancel()
         if not finished:
+            logger.info("listener of request %s ended before its terminal event: cancelling it", request.request_id)
             try:
                 await asyncio.shield(recommendation_cancel(request_id=request.request_id))
             except BaseException:  # noqa: BLE001 - best effort while the client goes away

@@ -60,11 +60,13 @@ class ChannelLayerPublisher:
     """An `EventSink` that publishes to a channels layer (see inference.engine.EventSink).
 
     `layer` is a channels layer (e.g. channels_redis RedisChannelLayer) used only from the
-    publisher's loop. Thread-safe: every public method may be called from the engine thread.
+    publisher's loop. `worker` names this worker in `chat.queued`, so a listener can watch that
+    worker's heartbeat. Thread-safe: every public method may be called from the engine thread.
     """
 
-    def __init__(self, layer: Any, loop_thread: LoopThread, *, flush_interval_s: float = 0.04) -> None:
+    def __init__(self, layer: Any, loop_thread: LoopThread, *, flush_interval_s: float = 0.04, worker: str = "") -> None:
         self.layer = layer
+        self.worker = worker
         self.loop_thread = loop_thread
         self.flush_interval_s = flush_interval_s
         self._streams: dict[str, _Stream] = {}
@@ -119,7 +121,9 @@ class ChannelLayerPublisher:
     def _queued(self, request_id: str, group: str, position: int) -> None:
         stream = self._stream(request_id, group)
         if not stream.closed:
-            event: QueuedEvent = {"type": "chat.queued", "request_id": request_id, "seq": 0, "position": position}
+            event: QueuedEvent = {
+                "type": "chat.queued", "request_id": request_id, "seq": 0, "position": position, "worker": self.worker
+            }
             self._enqueue(request_id, stream, dict(event))
 
     def _token(self, request_id: str, group: str, text: str) -> None:

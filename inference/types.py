@@ -101,6 +101,7 @@ class QueuedEvent(TypedDict):
     request_id: str
     seq: int
     position: int
+    worker: str  # the worker that took the request (its heartbeat key is HEARTBEAT_PREFIX + worker)
 
 
 class TokenEvent(TypedDict):

@@ -68,7 +68,9 @@ class WorkerRuntime:
         started = time.monotonic()
         self.loaded = load_model(self.settings.model)
         layer = RedisChannelLayer(**self.settings.channel_layer)
-        self.publisher = ChannelLayerPublisher(layer, self._loop, flush_interval_s=self.settings.flush_interval_s)
+        self.publisher = ChannelLayerPublisher(
+            layer, self._loop, flush_interval_s=self.settings.flush_interval_s, worker=self.name
+        )
         self.engine = Engine(self.loaded, self.publisher, max_running=self.settings.max_running)
         self.engine.start()
         ready = self._loop.submit(self._join_control_group(layer))

@@ -19,7 +19,8 @@ SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="dev-only-insecure-key-change-
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 
 # Caches, models and indexes live here (never /tmp).
-DATA_DIR = Path(env.str("LEAFRESH_DATA_DIR", default=str(BASE_DIR / "var"))).resolve()
+DATA_DIR = (BASE_DIR / env.str("LEAFRESH_DATA_DIR", default="var")).resolve()  # relative to the project
+DATA_DIR.mkdir(parents=True, exist_ok=True)
 
 INSTALLED_APPS = [
     "daphne",

@@ -13,12 +13,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -48,14 +50,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _redis_url() -> str:
-    """Redis for the tests: database 15 of REDIS_URL's server (started if none answers)."""
+def _redis_url(db: int) -> str:
+    """Redis for the tests: database `db` of REDIS_URL's server (started if none answers)."""
     base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    return base.rsplit("/", 1)[0] + "/15" if base.count("/") >= 3 else base + "/15"
+    return f"{base.rsplit('/', 1)[0]}/{db}" if base.count("/") >= 3 else f"{base}/{db}"
 
 
 @dataclass
 class Stack:
+    """A running stack; `worker` may be replaced by a test that restarts it."""
+
     base_url: str
     ws_url: str
     origin: str
@@ -97,33 +101,33 @@ def _wait(predicate, timeout: float, what: str, procs: list[subprocess.Popen[byt
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-@pytest.fixture(scope="session")
-def stack(demo_model_dir: Path) -> Iterator[Stack]:
-    """The whole stack on a free port, the way `make run` starts it."""
-    log_dir = ROOT / "var" / "test" / f"stack-{os.getpid()}"
+@contextmanager
+def launch_stack(tag: str, redis_db: int, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """Start Redis (if needed), migrate a fresh SQLite file, then the worker and daphne; stop them after."""
+    log_dir = ROOT / "var" / "test" / f"{tag}-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    redis_url = _redis_url()
+    redis_url = _redis_url(redis_db)
     env = {
         **os.environ,
         "REDIS_URL": redis_url,
         "DATABASE_URL": f"sqlite:///{log_dir / 'db.sqlite3'}",
-        "LEAFRESH_CHANNEL_PREFIX": f"leafresh-test-{os.getpid()}",
+        "LEAFRESH_CHANNEL_PREFIX": f"leafresh-{tag}-{os.getpid()}",
         "LEAFRESH_MODEL": "",
         "LEAFRESH_DEVICE": "cpu",
         # Pings every 10 ms, so the 40 ms gaps between coalesced token events always carry some.
         "LEAFRESH_PING_INTERVAL_S": "0.01",
         "LEAFRESH_HEARTBEAT_TTL_S": "3",
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     }
     subprocess.run([str(BIN / "python"), "manage.py", "ensure_redis"], cwd=ROOT, env=env, check=True)
     client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(match="leafresh:worker:*"):
-        client.delete(key)
+    client.flushdb()
     subprocess.run([str(BIN / "python"), "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
     worker = _start(
         [str(BIN / "celery"), "-A", "celery_app", "worker", "-P", "solo", "-Q", "gpu", "--loglevel", "INFO",
-         "-n", f"test-{os.getpid()}@%h", "--without-mingle", "--without-gossip"],
+         "-n", f"{tag}-{os.getpid()}@%h", "--without-mingle", "--without-gossip"],
         env,
         log_dir / "worker.log",
     )
@@ -143,4 +147,44 @@ def stack(demo_model_dir: Path) -> Iterator[Stack]:
         yield stack
     finally:
         _stop(web)
-        _stop(worker)
+        _stop(stack.worker)
+
+
+@pytest.fixture(scope="session")
+def stack(demo_model_dir: Path) -> Iterator[Stack]:
+    """The whole stack on the demo model, on a free port, the way `make run` starts it."""
+    with launch_stack("stack", 15) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def slow_model_dir(demo_model_dir: Path) -> Path:
+    """A random-weight Mistral with the demo tokenizer, big enough that one answer takes seconds on a CPU.
+
+    With random weights the constrained strings rarely close, so a request decodes until its token
+    budget: a long, steady stream for fault tests.
+    """
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    out = ROOT / "var" / "test" / "models" / "slow-random-mistral"
+    if (out / "config.json").is_file():
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+        num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048, sliding_window=None,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    staging = out.with_name(out.name + f".tmp-{os.getpid()}")
+    MistralForCausalLM(config).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def slow_stack(slow_model_dir: Path) -> Iterator[Stack]:
+    """A stack whose worker serves the slow random model (answers run to their token budget)."""
+    with launch_stack("slow", 14, {"LEAFRESH_MODEL": str(slow_model_dir), "LEAFRESH_HEARTBEAT_TTL_S": "2"}) as running:
+        yield running

@@ -1,0 +1,92 @@
+"""Faults against a live stack serving a slow model: disconnect, stop, and a worker killed mid-answer.
+
+Each answer of the slow random model streams for many seconds, so a test can act in the middle of
+one. The worker-kill test runs last in this module (it leaves the stack without a worker).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import httpx
+from websockets.sync.client import connect
+
+from tests.helpers import assert_one_terminal_last, parse_sse, SSEStream
+
+FREE_TEXT = "/ai/chatbot/recommendation/free-text"
+
+
+def _cancelled_count(stack) -> int:  # noqa: ANN001
+    return (stack.log_dir / "worker.log").read_text(errors="replace").count("finished: cancelled")
+
+
+def _wait_for(predicate, timeout: float) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_sse_client_disconnect_cancels_the_generation(slow_stack) -> None:  # noqa: ANN001
+    before = _cancelled_count(slow_stack)
+    with httpx.Client(base_url=slow_stack.base_url, timeout=30) as client:
+        with client.stream("GET", FREE_TEXT, params={"sessionId": "gone", "message": "일회용품을 줄이고 싶어요"}) as response:
+            assert response.status_code == 200
+            received = b""
+            for chunk in response.iter_raw():
+                received += chunk
+                if b"event: challenge" in received:
+                    break  # leave mid-answer: the connection closes here
+    assert _wait_for(lambda: _cancelled_count(slow_stack) > before, 10), "the engine did not cancel the request"
+
+
+def test_websocket_stop_mid_answer_cancels_the_generation(slow_stack) -> None:  # noqa: ANN001
+    before = _cancelled_count(slow_stack)
+    with connect(f"{slow_stack.ws_url}/ws/chat/stopper/", origin=slow_stack.origin, open_timeout=10) as socket:
+        socket.send(json.dumps({"type": "chat.message", "message": "채식을 해 보고 싶어요"}))
+        while json.loads(socket.recv(timeout=30))["type"] != "chat.token":
+            pass
+        socket.send(json.dumps({"type": "chat.stop"}))
+        frames = []
+        while not frames or frames[-1]["type"] not in ("chat.done", "chat.error"):
+            frames.append(json.loads(socket.recv(timeout=10)))
+        assert frames[-1] == {"type": "chat.error", "status": 499, "message": "답변 생성을 중단했습니다."}
+        assert all(f["type"] == "chat.token" for f in frames[:-1])
+        try:
+            extra = socket.recv(timeout=1.0)
+        except TimeoutError:
+            extra = None
+        assert extra is None, f"a frame arrived after the terminal one: {extra}"
+    assert _wait_for(lambda: _cancelled_count(slow_stack) > before, 10), "the engine did not cancel the request"
+
+
+def test_worker_killed_mid_answer_ends_the_stream_with_503_then_new_requests_fail_fast(slow_stack) -> None:  # noqa: ANN001
+    with httpx.Client(base_url=slow_stack.base_url, timeout=60) as client:
+        with client.stream("GET", FREE_TEXT, params={"sessionId": "victim", "message": "자전거를 타고 싶어요"}) as response:
+            raw = b""
+            chunks = response.iter_raw()
+            for chunk in chunks:
+                raw += chunk
+                if b"event: challenge" in raw:
+                    break
+            os.killpg(slow_stack.worker.pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            for chunk in chunks:
+                raw += chunk
+            ended_after = time.monotonic() - killed_at
+        stream = SSEStream(response.status_code, response.headers, raw, parse_sse(raw))
+        assert_one_terminal_last(stream)
+        assert stream.terminal.event == "error" and stream.terminal.data["status"] == 503
+        assert stream.terminal.data["message"] and stream.terminal.data["data"] is None
+        assert ended_after < 10, f"the stream took {ended_after:.1f} s to end after the worker died"
+
+        started = time.monotonic()
+        again = client.get(FREE_TEXT, params={"sessionId": "after", "message": "자전거를 타고 싶어요"})
+        events = [b for b in parse_sse(again.content) if b is not None]
+        assert [e.event for e in events] == ["error"] and events[0].data["status"] == 503
+        assert time.monotonic() - started < 2, "with no live worker a request must fail fast"
