@@ -37,11 +37,12 @@ run: setup
 	@echo
 	$(VENV)/bin/honcho start -f Procfile -p $(PORT)
 
-test: setup
+test: setup lint
 	$(VENV)/bin/pytest
 
 lint: venv
-	$(VENV)/bin/ruff check . || true
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) var

@@ -33,7 +33,9 @@ def _build(kind: str, session_id: str, frame: dict[str, Any]) -> GenerationReque
     if kind == "chat.base_info":
         params = {"sessionId": session_id, **{k: frame.get(k) for k in ("location", "workType", "category")}}
         return recommendation_build_base_info(checked=contract.check_base_info(params))
-    return recommendation_build_free_text(checked=contract.check_free_text({"sessionId": session_id, "message": frame.get("message")}))
+    return recommendation_build_free_text(
+        checked=contract.check_free_text({"sessionId": session_id, "message": frame.get("message")})
+    )
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
@@ -103,7 +105,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     await self._error(int(item["status"]), item["message"])
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - end with one error frame, never a silent stall
+        except Exception:
             logger.exception("relay failed for request %s", generation.request_id)
             if not self.finished:
                 self.finished = True

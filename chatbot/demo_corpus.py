@@ -14,8 +14,8 @@ from chatbot.prompts import build_messages
 from inference.demo_model import DemoExample
 
 BASE_INFO_OPENERS = [
-    "{location}에서 {workType}으로 일하시는 분께 어울리는 {label} 챌린지를 추천해 드릴게요.",
-    "{workType}으로 일하며 {location}에 사시는 분이 바로 실천할 수 있는 {label} 챌린지예요.",
+    "{location}에서 {workType}{euro} 일하시는 분께 어울리는 {label} 챌린지를 추천해 드릴게요.",
+    "{workType}{euro} 일하며 {location}에 사시는 분이 바로 실천할 수 있는 {label} 챌린지예요.",
     "{location} 생활과 {workType} 일상에 맞춘 {label} 챌린지 세 가지를 골라 봤어요.",
 ]
 FREE_TEXT_OPENERS = [
@@ -23,6 +23,19 @@ FREE_TEXT_OPENERS = [
     "좋은 고민이에요! 오늘부터 해 볼 수 있는 {label} 챌린지예요.",
     "작은 실천부터 시작해 보세요. {label} 챌린지 세 가지를 골라 봤어요.",
 ]
+
+
+def euro(word: str) -> str:
+    """The particle "으로" or "로" for a Korean word: "로" after a vowel or ㄹ, "으로" after other finals.
+
+    Rule: 표준국어대사전, 조사 '으로'. The final consonant of a Hangul syllable is
+    (code point - 0xAC00) % 28 (0 = none, 8 = ㄹ), per the Unicode Hangul syllable composition.
+    """
+    last = word[-1] if word else ""
+    if not "가" <= last <= "힣":
+        return "으로"
+    final = (ord(last) - 0xAC00) % 28
+    return "로" if final in (0, 8) else "으로"
 
 
 def _completion(rng: random.Random, opener: str, code: str) -> str:
@@ -46,13 +59,15 @@ def demo_examples(*, seed_value: int = 1234, per_combination: int = 2) -> list[D
                     messages = build_messages(
                         system=prompts["base_info"]["system"], user_template=prompts["base_info"]["user_template"], fields=fields
                     )
-                    opener = rng.choice(BASE_INFO_OPENERS).format(label=label, **fields)
+                    opener = rng.choice(BASE_INFO_OPENERS).format(label=label, euro=euro(work_type), **fields)
                     examples.append(DemoExample(messages, _completion(rng, opener, code)))
     for _ in range(6):
         for code, messages_for_code in seed.FREE_TEXT_MESSAGES.items():
             for message in messages_for_code:
                 messages = build_messages(
-                    system=prompts["free_text"]["system"], user_template=prompts["free_text"]["user_template"], fields={"message": message}
+                    system=prompts["free_text"]["system"],
+                    user_template=prompts["free_text"]["user_template"],
+                    fields={"message": message},
                 )
                 opener = rng.choice(FREE_TEXT_OPENERS).format(label=labels[code])
                 examples.append(DemoExample(messages, _completion(rng, opener, code)))

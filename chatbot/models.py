@@ -6,6 +6,8 @@ without a restart.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
@@ -20,7 +22,7 @@ class Category(models.Model):
     is_active = models.BooleanField(default=True)
 
     class Meta:
-        ordering = ["order", "code"]
+        ordering: ClassVar = ["order", "code"]
         verbose_name_plural = "categories"
 
     def __str__(self) -> str:
@@ -42,12 +44,10 @@ class PromptTemplate(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        ordering = ["mode", "-version"]
-        constraints = [
+        ordering: ClassVar = ["mode", "-version"]
+        constraints: ClassVar = [
             models.UniqueConstraint(fields=["mode", "version"], name="prompt_mode_version_unique"),
-            models.UniqueConstraint(
-                fields=["mode"], condition=models.Q(is_active=True), name="prompt_one_active_per_mode"
-            ),
+            models.UniqueConstraint(fields=["mode"], condition=models.Q(is_active=True), name="prompt_one_active_per_mode"),
         ]
 
     def __str__(self) -> str:

@@ -42,6 +42,7 @@ def worker_settings() -> WorkerSettings:
         max_running=settings.LEAFRESH_MAX_RUNNING,
         flush_interval_s=settings.LEAFRESH_FLUSH_INTERVAL_S,
         heartbeat_ttl_s=settings.LEAFRESH_HEARTBEAT_TTL_S,
+        heartbeat_prefix=settings.LEAFRESH_HEARTBEAT_PREFIX,
     )
 
 

@@ -19,22 +19,34 @@ class CategorySeed(TypedDict):
 
 # Order is the display order. Codes and labels are the contract with the Spring backend (DESIGN.md).
 CATEGORIES: list[CategorySeed] = [
-    {"code": "ZERO_WASTE", "label": "제로웨이스트",
-     "keywords": ["쓰레기", "일회용", "포장", "텀블러", "장바구니", "플라스틱", "분리배출", "제로웨이스트"]},
-    {"code": "PLOGGING", "label": "플로깅",
-     "keywords": ["플로깅", "조깅", "산책", "줍기", "걷기", "달리기", "등산", "해변"]},
-    {"code": "CARBON_FOOTPRINT", "label": "탄소발자국",
-     "keywords": ["탄소", "대중교통", "자전거", "자동차", "출퇴근", "비행기", "배출", "발자국"]},
-    {"code": "ENERGY_SAVING", "label": "에너지 절약",
-     "keywords": ["전기", "에너지", "냉방", "난방", "콘센트", "전력", "조명", "에어컨"]},
-    {"code": "UPCYCLING", "label": "업사이클",
-     "keywords": ["업사이클", "재활용", "리폼", "헌옷", "중고", "수선", "재사용", "만들기"]},
-    {"code": "MEDIA", "label": "문화 공유",
-     "keywords": ["영화", "책", "다큐", "공유", "캠페인", "sns", "독서", "문화"]},
-    {"code": "DIGITAL_CARBON", "label": "디지털 탄소",
-     "keywords": ["이메일", "메일", "클라우드", "스트리밍", "데이터", "디지털", "스마트폰", "컴퓨터"]},
-    {"code": "VEGAN", "label": "비건",
-     "keywords": ["비건", "채식", "고기", "식단", "음식", "채소", "우유", "식물성"]},
+    {
+        "code": "ZERO_WASTE",
+        "label": "제로웨이스트",
+        "keywords": ["쓰레기", "일회용", "포장", "텀블러", "장바구니", "플라스틱", "분리배출", "제로웨이스트"],
+    },
+    {"code": "PLOGGING", "label": "플로깅", "keywords": ["플로깅", "조깅", "산책", "줍기", "걷기", "달리기", "등산", "해변"]},
+    {
+        "code": "CARBON_FOOTPRINT",
+        "label": "탄소발자국",
+        "keywords": ["탄소", "대중교통", "자전거", "자동차", "출퇴근", "비행기", "배출", "발자국"],
+    },
+    {
+        "code": "ENERGY_SAVING",
+        "label": "에너지 절약",
+        "keywords": ["전기", "에너지", "냉방", "난방", "콘센트", "전력", "조명", "에어컨"],
+    },
+    {
+        "code": "UPCYCLING",
+        "label": "업사이클",
+        "keywords": ["업사이클", "재활용", "리폼", "헌옷", "중고", "수선", "재사용", "만들기"],
+    },
+    {"code": "MEDIA", "label": "문화 공유", "keywords": ["영화", "책", "다큐", "공유", "캠페인", "sns", "독서", "문화"]},
+    {
+        "code": "DIGITAL_CARBON",
+        "label": "디지털 탄소",
+        "keywords": ["이메일", "메일", "클라우드", "스트리밍", "데이터", "디지털", "스마트폰", "컴퓨터"],
+    },
+    {"code": "VEGAN", "label": "비건", "keywords": ["비건", "채식", "고기", "식단", "음식", "채소", "우유", "식물성"]},
 ]
 
 LOCATIONS: list[str] = ["도시", "해안가", "산", "농촌"]
@@ -57,7 +69,10 @@ PROMPTS: list[PromptSeed] = [
             "답변은 JSON 하나로만 하며, recommend에는 추천 문장 하나를, challenges에는 title(짧은 제목)과 "
             "description(한두 문장의 구체적인 실천 방법)을 가진 챌린지 3개를 담으세요."
         ),
-        "user_template": "거주 지역: {location}\n근무 형태: {workType}\n카테고리: {category}\n위 조건에 맞는 친환경 챌린지 3개를 추천해 주세요.",
+        "user_template": (
+            "거주 지역: {location}\n근무 형태: {workType}\n카테고리: {category}\n"
+            "위 조건에 맞는 친환경 챌린지 3개를 추천해 주세요."
+        ),
     },
     {
         "mode": "free_text",

@@ -23,7 +23,7 @@ from chatbot.selectors import (
     prompt_get_active,
 )
 from inference.answer import answer_schema
-from inference.types import CONTROL_GROUP, HEARTBEAT_PREFIX, GenerationRequest, SamplingParams
+from inference.types import CONTROL_GROUP, GenerationRequest, SamplingParams
 
 GENERATE_TASK = "chatbot.generate"
 
@@ -113,8 +113,9 @@ async def worker_alive(*, name: str | None = None) -> bool:
     client = _redis.get(loop_id)
     if client is None:
         client = _redis[loop_id] = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+    prefix = settings.LEAFRESH_HEARTBEAT_PREFIX
     if name:
-        return bool(await client.exists(HEARTBEAT_PREFIX + name))
-    async for _ in client.scan_iter(match=HEARTBEAT_PREFIX + "*", count=100):
+        return bool(await client.exists(prefix + name))
+    async for _ in client.scan_iter(match=prefix + "*", count=100):
         return True
     return False

@@ -6,8 +6,9 @@ the task, then yields the request's events in order: `chat.queued`, `chat.token`
 terminal event (`chat.done` or `chat.error`), after which it ends. While nothing arrives it yields
 `Ping` every `ping_interval_s` so the caller can keep the connection alive. Every failure becomes a
 terminal `chat.error`: no live worker (503), no worker took the request (503), the worker that took
-it stopped sending heartbeats (503), deadline (504), Redis or any other exception (500). If the consumer stops iterating before the terminal event
-(client gone, stop pressed), the request is cancelled in the engine.
+it stopped sending heartbeats (503), deadline (504), Redis or any other exception (500). If the
+consumer stops iterating before the terminal event (client gone, stop pressed), the request is
+cancelled in the engine.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dic
                     return
             try:
                 message = await asyncio.wait_for(inbox.get(), timeout=min(ping_interval, deadline - now))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 yield Ping()
                 continue
             if isinstance(message, BaseException):
@@ -119,7 +120,7 @@ async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dic
                 yield message
                 return
             yield message
-    except Exception:  # noqa: BLE001 - Redis loss or a bug: end with an in-band error, never hang
+    except Exception:
         if finished:
             raise
         logger.exception("listener failed for request %s", request.request_id)

@@ -64,7 +64,7 @@ async def _sse_body(generation: GenerationRequest) -> AsyncIterator[bytes]:
                 data = contract.envelope(int(item["status"]), item["message"], None)
                 yield sse.encode_event(event_id=last_id, event="error", data=data)
                 return
-    except Exception:  # noqa: BLE001 - under daphne an exception here would leave the response open
+    except Exception:
         logger.exception("SSE stream failed for request %s", generation.request_id)
         data = contract.envelope(500, contract.MESSAGE_INTERNAL, None)
         yield sse.encode_event(event_id=last_id + 1, event="error", data=data)
@@ -76,10 +76,14 @@ async def _answer_json(generation: GenerationRequest) -> JsonResponse:
         if isinstance(item, Ping):
             continue
         if item["type"] == "chat.done":
-            return JsonResponse(contract.envelope(200, contract.MESSAGE_DONE, item["data"]), json_dumps_params={"ensure_ascii": False})
+            return JsonResponse(
+                contract.envelope(200, contract.MESSAGE_DONE, item["data"]), json_dumps_params={"ensure_ascii": False}
+            )
         if item["type"] == "chat.error":
             status = int(item["status"])
-            return JsonResponse(contract.envelope(status, item["message"], None), status=status, json_dumps_params={"ensure_ascii": False})
+            return JsonResponse(
+                contract.envelope(status, item["message"], None), status=status, json_dumps_params={"ensure_ascii": False}
+            )
     return JsonResponse(contract.envelope(500, contract.MESSAGE_INTERNAL, None), status=500)
 
 
@@ -90,7 +94,9 @@ async def _recommend(request: HttpRequest, build: Callable[[dict[str, Any]], Gen
         return JsonResponse(exc.envelope(), status=exc.status, json_dumps_params={"ensure_ascii": False})
     except NotConfiguredError:
         logger.exception("recommendation is not configured")
-        return JsonResponse(contract.envelope(503, contract.MESSAGE_NO_WORKER, None), status=503, json_dumps_params={"ensure_ascii": False})
+        return JsonResponse(
+            contract.envelope(503, contract.MESSAGE_NO_WORKER, None), status=503, json_dumps_params={"ensure_ascii": False}
+        )
     if request.method == "POST":
         return await _answer_json(generation)
     response = StreamingHttpResponse(_sse_body(generation), content_type=sse.CONTENT_TYPE)
@@ -103,18 +109,14 @@ async def _recommend(request: HttpRequest, build: Callable[[dict[str, Any]], Gen
 @require_http_methods(["GET", "POST"])
 async def base_info(request: HttpRequest) -> HttpResponse:
     """`/ai/chatbot/recommendation/base-info`: sessionId, location, workType, category (Korean label)."""
-    return await _recommend(
-        request, lambda params: recommendation_build_base_info(checked=contract.check_base_info(params))
-    )
+    return await _recommend(request, lambda params: recommendation_build_base_info(checked=contract.check_base_info(params)))
 
 
 @csrf_exempt
 @require_http_methods(["GET", "POST"])
 async def free_text(request: HttpRequest) -> HttpResponse:
     """`/ai/chatbot/recommendation/free-text`: sessionId, message."""
-    return await _recommend(
-        request, lambda params: recommendation_build_free_text(checked=contract.check_free_text(params))
-    )
+    return await _recommend(request, lambda params: recommendation_build_free_text(checked=contract.check_free_text(params)))
 
 
 @require_GET

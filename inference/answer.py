@@ -38,9 +38,7 @@ def answer_schema(*, challenge_count: int = CHALLENGE_COUNT) -> dict[str, Any]:
     }
 
 
-def finalize_answer(
-    completion: str, *, default_category: str | None, category_labels: dict[str, str]
-) -> dict[str, Any]:
+def finalize_answer(completion: str, *, default_category: str | None, category_labels: dict[str, str]) -> dict[str, Any]:
     """Parse a complete constrained completion and add each challenge's `category` and `label`.
 
     Returns `{"recommend": str, "challenges": [{"title", "description", "category", "label"}]}`.

@@ -24,10 +24,10 @@ from typing import Any, Protocol
 import torch
 import xgrammar as xgr
 
+from inference.answer import answer_schema, finalize_answer
 from inference.detokenize import IncrementalDetokenizer
 from inference.loading import LoadedModel
 from inference.render import ProgressiveRenderer
-from inference.answer import answer_schema, finalize_answer
 from inference.structured import GrammarFactory
 from inference.types import FinishReason, GenerationRequest
 
@@ -182,7 +182,7 @@ class Engine:
                     self._drain_inbox(block=not self._running and not self._waiting)
                     self._admit()
                     self._decode_round()
-                except Exception:  # noqa: BLE001 - the loop must survive anything one request does
+                except Exception:
                     logger.exception("engine loop failure")
                     for seq in list(self._running):
                         self._fail(seq, FinishReason.ERROR, 500, MESSAGE_ERROR)
@@ -240,7 +240,7 @@ class Engine:
                 continue
             try:
                 seq = self._prefill(request, now)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.exception("prefill failed for request %s", request.request_id)
                 self.sink.error(request, 500, MESSAGE_ERROR, FinishReason.ERROR)
                 continue
@@ -251,7 +251,11 @@ class Engine:
         prompt = tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         matcher = self.grammars.matcher(request.schema)
-        seed = request.sampling.seed if request.sampling.seed is not None else int.from_bytes(request.request_id.encode()[:8], "little")
+        seed = (
+            request.sampling.seed
+            if request.sampling.seed is not None
+            else int.from_bytes(request.request_id.encode()[:8], "little")
+        )
         seq = _Sequence(
             request=request,
             prompt_ids=prompt_ids,
@@ -279,7 +283,7 @@ class Engine:
                 continue
             try:
                 self._step(seq)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.exception("decode failed for request %s", request.request_id)
                 self._fail(seq, FinishReason.ERROR, 500, MESSAGE_ERROR)
 

@@ -84,7 +84,13 @@ class ChannelLayerPublisher:
     def done(
         self, request: GenerationRequest, answer: dict[str, Any], *, usage: dict[str, int], timings: dict[str, float]
     ) -> None:
-        event = {"type": "chat.done", "data": answer, "finish_reason": FinishReason.STOP.value, "usage": usage, "timings": timings}
+        event = {
+            "type": "chat.done",
+            "data": answer,
+            "finish_reason": FinishReason.STOP.value,
+            "usage": usage,
+            "timings": timings,
+        }
         self.loop_thread.call(self._terminal, request.request_id, request.group, event)
 
     def error(self, request: GenerationRequest, status: int, message: str, finish_reason: FinishReason) -> None:
@@ -122,7 +128,11 @@ class ChannelLayerPublisher:
         stream = self._stream(request_id, group)
         if not stream.closed:
             event: QueuedEvent = {
-                "type": "chat.queued", "request_id": request_id, "seq": 0, "position": position, "worker": self.worker
+                "type": "chat.queued",
+                "request_id": request_id,
+                "seq": 0,
+                "position": position,
+                "worker": self.worker,
             }
             self._enqueue(request_id, stream, dict(event))
 
@@ -170,8 +180,7 @@ class ChannelLayerPublisher:
             try:
                 await self.layer.group_send(group, event)
                 self.sent += 1
-            except Exception:  # noqa: BLE001 - a lost Redis must not kill the publisher
+            except Exception:
                 logger.exception("could not publish %s for request %s", event["type"], event["request_id"])
             finally:
                 self._outbox.task_done()
-

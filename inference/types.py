@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     """Why a generation ended (the names TGI and vLLM use, plus `deadline`)."""
 
     STOP = "stop"  # the constrained answer is complete
@@ -101,7 +101,7 @@ class QueuedEvent(TypedDict):
     request_id: str
     seq: int
     position: int
-    worker: str  # the worker that took the request (its heartbeat key is HEARTBEAT_PREFIX + worker)
+    worker: str  # the worker that took the request (its heartbeat key is the heartbeat prefix + worker)
 
 
 class TokenEvent(TypedDict):
@@ -135,5 +135,3 @@ TERMINAL_TYPES = frozenset({"chat.done", "chat.error"})
 
 # Every GPU worker's control channel joins this group; listeners send `engine.cancel` to it.
 CONTROL_GROUP = "leafresh.engines"
-# A worker's heartbeat is a Redis key with this prefix and a short TTL.
-HEARTBEAT_PREFIX = "leafresh:worker:"

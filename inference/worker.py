@@ -4,7 +4,8 @@ The Celery worker (celery_app, solo pool, queue `gpu`) starts one `WorkerRuntime
 consumes tasks; a task only calls `runtime.engine.submit(...)` and returns, so the solo pool is
 never held while a request generates. Cancels arrive as `engine.cancel` messages on the
 channel-layer group `CONTROL_GROUP`, which every GPU worker joins. The heartbeat is a Redis key
-`HEARTBEAT_PREFIX + worker name` with a short TTL, refreshed every `heartbeat_interval_s`.
+`heartbeat_prefix + worker name` with a short TTL, refreshed every `heartbeat_interval_s`; its value
+is JSON `{"name", "model", "running", "waiting", "at"}`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 from inference.engine import Engine
 from inference.loading import LoadedModel, ModelSettings, load_model
 from inference.publisher import ChannelLayerPublisher, LoopThread
-from inference.types import CONTROL_GROUP, HEARTBEAT_PREFIX
+from inference.types import CONTROL_GROUP
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class WorkerSettings:
     """Everything the runtime needs, read from Django settings by celery_app.
 
     channel_layer: the channels-redis layer config (`{"hosts": [...], "capacity": ..., ...}`).
+    heartbeat_prefix: the heartbeat key's prefix (LEAFRESH_HEARTBEAT_PREFIX).
     heartbeat_ttl_s: how long a heartbeat stays valid; listeners treat a worker whose key has
     expired as dead.
     """
@@ -42,6 +44,7 @@ class WorkerSettings:
     flush_interval_s: float = 0.04
     heartbeat_interval_s: float = 2.0
     heartbeat_ttl_s: float = 10.0
+    heartbeat_prefix: str = "leafresh:worker:"
     name: str = ""
 
 
@@ -89,7 +92,7 @@ class WorkerRuntime:
                 logger.warning("could not flush all events at shutdown")
         try:
             self._loop.submit(self._shutdown()).result(timeout=5)
-        except Exception:  # noqa: BLE001
+        except Exception:
             logger.warning("unclean control shutdown", exc_info=True)
         self._loop.stop()
 
@@ -105,13 +108,15 @@ class WorkerRuntime:
         assert self.engine is not None and self.loaded is not None
         running, waiting = self.engine.load
         payload = {"name": self.name, "model": self.loaded.name, "running": running, "waiting": waiting, "at": time.time()}
-        await self._redis.set(HEARTBEAT_PREFIX + self.name, json.dumps(payload, ensure_ascii=False), px=int(self.settings.heartbeat_ttl_s * 1000))
+        key = self.settings.heartbeat_prefix + self.name
+        ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
+        await self._redis.set(key, json.dumps(payload, ensure_ascii=False), px=ttl_ms)
 
     async def _shutdown(self) -> None:
         if self._control_task is not None:
             self._control_task.cancel()
             await asyncio.gather(self._control_task, return_exceptions=True)
-        await self._redis.delete(HEARTBEAT_PREFIX + self.name)
+        await self._redis.delete(self.settings.heartbeat_prefix + self.name)
         await self._redis.aclose()
 
     async def _control_forever(self, layer: Any) -> None:
@@ -126,7 +131,7 @@ class WorkerRuntime:
                     beats += 1
                     if beats % 30 == 0:  # group membership expires (channels-redis group_expiry)
                         await layer.group_add(CONTROL_GROUP, self._channel)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     logger.warning("heartbeat failed", exc_info=True)
 
         beat_task = asyncio.create_task(heartbeat())
@@ -134,7 +139,7 @@ class WorkerRuntime:
             while True:
                 try:
                     message = await layer.receive(self._channel)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     logger.warning("control channel receive failed", exc_info=True)
                     await asyncio.sleep(1)
                     continue

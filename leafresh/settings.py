@@ -12,7 +12,8 @@ import environ
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
-environ.Env.read_env(BASE_DIR / ".env")
+if (BASE_DIR / ".env").is_file():
+    environ.Env.read_env(BASE_DIR / ".env")
 
 DEBUG = env.bool("DJANGO_DEBUG", default=True)
 SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="dev-only-insecure-key-change-me")
@@ -76,6 +77,10 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: the Celery broker and the channel layer ---
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+# Every key this deployment writes (broker queues, channel layer, heartbeats) starts with this, so two
+# deployments or test runs can share one Redis server without taking each other's tasks.
+LEAFRESH_REDIS_PREFIX = env.str("LEAFRESH_REDIS_PREFIX", default="leafresh")
+LEAFRESH_HEARTBEAT_PREFIX = f"{LEAFRESH_REDIS_PREFIX}:worker:"
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
@@ -83,7 +88,7 @@ CHANNEL_LAYERS = {
             # redis-py 8 defaults to a 5 s socket timeout, the same as channels-redis's 5 s blocking
             # pop: every idle receive would fail. Reads wait longer than the pop; connects stay short.
             "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}],
-            "prefix": env.str("LEAFRESH_CHANNEL_PREFIX", default="leafresh"),
+            "prefix": f"{LEAFRESH_REDIS_PREFIX}:asgi",
             # group_send drops messages to a full channel: size it for the slowest listener.
             "capacity": env.int("LEAFRESH_CHANNEL_CAPACITY", default=1000),
             "expiry": env.int("LEAFRESH_CHANNEL_EXPIRY_S", default=120),
@@ -92,6 +97,7 @@ CHANNEL_LAYERS = {
 }
 
 CELERY_BROKER_URL = REDIS_URL
+CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": f"{LEAFRESH_REDIS_PREFIX}:celery:"}
 CELERY_TASK_ROUTES = {"chatbot.generate": {"queue": "gpu"}}
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_SERIALIZER = "json"

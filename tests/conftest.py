@@ -37,7 +37,7 @@ def demo_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def loaded_demo(demo_model_dir: Path):  # noqa: ANN201 - inference.loading.LoadedModel
+def loaded_demo(demo_model_dir: Path):
     """The demo model loaded in this process (CPU)."""
     from inference.loading import ModelSettings, load_model
 
@@ -48,12 +48,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _redis_url(db: int) -> str:
-    """Redis for the tests: database `db` of REDIS_URL's server (started if none answers)."""
-    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    return f"{base.rsplit('/', 1)[0]}/{db}" if base.count("/") >= 3 else f"{base}/{db}"
 
 
 @dataclass
@@ -68,9 +62,10 @@ class Stack:
     worker: subprocess.Popen[bytes]
     web: subprocess.Popen[bytes]
     log_dir: Path
+    prefix: str
 
     def worker_alive(self) -> bool:
-        return any(True for _ in self.redis.scan_iter(match="leafresh:worker:*"))
+        return any(True for _ in self.redis.scan_iter(match=f"{self.prefix}:worker:*"))
 
 
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -88,7 +83,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=5)
 
 
-def _wait(predicate, timeout: float, what: str, procs: list[subprocess.Popen[bytes]], log_dir: Path) -> None:  # noqa: ANN001
+def _wait(predicate, timeout: float, what: str, procs: list[subprocess.Popen[bytes]], log_dir: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -102,17 +97,22 @@ def _wait(predicate, timeout: float, what: str, procs: list[subprocess.Popen[byt
 
 
 @contextmanager
-def launch_stack(tag: str, redis_db: int, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
-    """Start Redis (if needed), migrate a fresh SQLite file, then the worker and daphne; stop them after."""
+def launch_stack(tag: str, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """Start Redis (if needed), migrate a fresh SQLite file, then the worker and daphne; stop them after.
+
+    Every Redis key of the stack is under its own LEAFRESH_REDIS_PREFIX, so concurrent test runs and a
+    running `make run` on the same Redis never see each other's tasks or events.
+    """
     log_dir = ROOT / "var" / "test" / f"{tag}-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    redis_url = _redis_url(redis_db)
+    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    prefix = f"leafresh-test-{tag}-{os.getpid()}"
     env = {
         **os.environ,
         "REDIS_URL": redis_url,
         "DATABASE_URL": f"sqlite:///{log_dir / 'db.sqlite3'}",
-        "LEAFRESH_CHANNEL_PREFIX": f"leafresh-{tag}-{os.getpid()}",
+        "LEAFRESH_REDIS_PREFIX": prefix,
         "LEAFRESH_MODEL": "",
         "LEAFRESH_DEVICE": "cpu",
         # Pings every 10 ms, so the 40 ms gaps between coalesced token events always carry some.
@@ -123,11 +123,24 @@ def launch_stack(tag: str, redis_db: int, extra_env: dict[str, str] | None = Non
     }
     subprocess.run([str(BIN / "python"), "manage.py", "ensure_redis"], cwd=ROOT, env=env, check=True)
     client = redis.Redis.from_url(redis_url)
-    client.flushdb()
     subprocess.run([str(BIN / "python"), "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
     worker = _start(
-        [str(BIN / "celery"), "-A", "celery_app", "worker", "-P", "solo", "-Q", "gpu", "--loglevel", "INFO",
-         "-n", f"{tag}-{os.getpid()}@%h", "--without-mingle", "--without-gossip"],
+        [
+            str(BIN / "celery"),
+            "-A",
+            "celery_app",
+            "worker",
+            "-P",
+            "solo",
+            "-Q",
+            "gpu",
+            "--loglevel",
+            "INFO",
+            "-n",
+            f"{tag}-{os.getpid()}@%h",
+            "--without-mingle",
+            "--without-gossip",
+        ],
         env,
         log_dir / "worker.log",
     )
@@ -140,7 +153,7 @@ def launch_stack(tag: str, redis_db: int, extra_env: dict[str, str] | None = Non
         except httpx.HTTPError:
             return False
 
-    stack = Stack(base_url, f"ws://127.0.0.1:{port}", base_url, env, client, worker, web, log_dir)
+    stack = Stack(base_url, f"ws://127.0.0.1:{port}", base_url, env, client, worker, web, log_dir, prefix)
     try:
         _wait(web_up, 60, "daphne /healthz", [worker, web], log_dir)
         _wait(stack.worker_alive, 120, "the GPU worker's heartbeat", [worker, web], log_dir)
@@ -148,12 +161,14 @@ def launch_stack(tag: str, redis_db: int, extra_env: dict[str, str] | None = Non
     finally:
         _stop(web)
         _stop(stack.worker)
+        for key in client.scan_iter(match=f"{prefix}:*"):
+            client.delete(key)
 
 
 @pytest.fixture(scope="session")
 def stack(demo_model_dir: Path) -> Iterator[Stack]:
     """The whole stack on the demo model, on a free port, the way `make run` starts it."""
-    with launch_stack("stack", 15) as running:
+    with launch_stack("stack") as running:
         yield running
 
 
@@ -172,9 +187,17 @@ def slow_model_dir(demo_model_dir: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
     torch.manual_seed(0)
     config = MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-        num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048, sliding_window=None,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        sliding_window=None,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     staging = out.with_name(out.name + f".tmp-{os.getpid()}")
     MistralForCausalLM(config).save_pretrained(staging)
@@ -186,5 +209,5 @@ def slow_model_dir(demo_model_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def slow_stack(slow_model_dir: Path) -> Iterator[Stack]:
     """A stack whose worker serves the slow random model (answers run to their token budget)."""
-    with launch_stack("slow", 14, {"LEAFRESH_MODEL": str(slow_model_dir), "LEAFRESH_HEARTBEAT_TTL_S": "2"}) as running:
+    with launch_stack("slow", {"LEAFRESH_MODEL": str(slow_model_dir), "LEAFRESH_HEARTBEAT_TTL_S": "2"}) as running:
         yield running

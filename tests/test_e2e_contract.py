@@ -25,7 +25,7 @@ KOREAN_BASE_INFO = {"sessionId": "e2e-base", "location": "해안가", "workType"
 
 
 @pytest.fixture
-def client(stack):  # noqa: ANN001, ANN201
+def client(stack):
     with httpx.Client(base_url=stack.base_url, timeout=60) as c:
         yield c
 
@@ -73,7 +73,9 @@ def test_category_code_is_accepted_as_well_as_label(client: httpx.Client) -> Non
 
 
 def test_free_text_sse_completes_with_keyword_category(client: httpx.Client) -> None:
-    stream = get_sse(client, FREE_TEXT, {"sessionId": "e2e-free", "message": "요즘 전기 요금이 너무 많이 나와서 에너지를 아끼고 싶어요"})
+    stream = get_sse(
+        client, FREE_TEXT, {"sessionId": "e2e-free", "message": "요즘 전기 요금이 너무 많이 나와서 에너지를 아끼고 싶어요"}
+    )
     assert_one_terminal_last(stream)
     assert stream.terminal.event == "close"
     answer = stream.terminal.data["data"]
@@ -123,8 +125,8 @@ def test_post_with_a_body_that_is_not_a_json_object_is_a_400(client: httpx.Clien
         assert response.json()["data"] == {"invalidFields": ["body"]}
 
 
-def test_six_concurrent_streams_each_end_with_exactly_one_terminal_event(client: httpx.Client, stack) -> None:  # noqa: ANN001
-    def sse(i: int):  # noqa: ANN202
+def test_six_concurrent_streams_each_end_with_exactly_one_terminal_event(client: httpx.Client, stack) -> None:
+    def sse(i: int):
         if i % 2:
             return get_sse(client, FREE_TEXT, {"sessionId": f"c{i}", "message": f"플라스틱 쓰레기를 줄이고 싶어요 {i}"})
         return get_sse(client, BASE_INFO, {**KOREAN_BASE_INFO, "sessionId": f"c{i}"})
@@ -148,7 +150,7 @@ def test_six_concurrent_streams_each_end_with_exactly_one_terminal_event(client:
         assert terminal[0]["type"] == "chat.done"
 
 
-def _ws_exchange(stack, session: str, *frames: dict, until: int = 1, timeout: float = 60) -> list[dict]:  # noqa: ANN001
+def _ws_exchange(stack, session: str, *frames: dict, until: int = 1, timeout: float = 60) -> list[dict]:
     """Send frames, collect server frames until `until` terminal frames arrived, then 0.3 s more."""
     received: list[dict] = []
     with connect(f"{stack.ws_url}/ws/chat/{quote(session)}/", origin=stack.origin, open_timeout=10) as socket:
@@ -168,7 +170,7 @@ def _ws_exchange(stack, session: str, *frames: dict, until: int = 1, timeout: fl
     return received
 
 
-def test_websocket_base_info_streams_tokens_then_done(stack) -> None:  # noqa: ANN001
+def test_websocket_base_info_streams_tokens_then_done(stack) -> None:
     received = _ws_exchange(
         stack, "ws-base", {"type": "chat.base_info", "location": "산", "workType": "현장직", "category": "플로깅"}
     )
@@ -182,7 +184,7 @@ def test_websocket_base_info_streams_tokens_then_done(stack) -> None:  # noqa: A
     assert_deltas_render_answer("".join(t["text"] for t in tokens), answer)
 
 
-def test_websocket_bad_frames_get_400_and_the_socket_stays_usable(stack) -> None:  # noqa: ANN001
+def test_websocket_bad_frames_get_400_and_the_socket_stays_usable(stack) -> None:
     received = _ws_exchange(
         stack,
         "ws-bad",
@@ -201,7 +203,7 @@ def test_websocket_bad_frames_get_400_and_the_socket_stays_usable(stack) -> None
     assert received[-1]["type"] == "chat.done", "the socket must still serve a valid request"
 
 
-def test_websocket_second_request_while_one_runs_gets_409(stack) -> None:  # noqa: ANN001
+def test_websocket_second_request_while_one_runs_gets_409(stack) -> None:
     message = {"type": "chat.message", "message": "채식을 시작하고 싶어요"}
     received = _ws_exchange(stack, "ws-busy", message, message, until=2)
     terminal = [m for m in received if m["type"] in ("chat.done", "chat.error")]
@@ -209,7 +211,7 @@ def test_websocket_second_request_while_one_runs_gets_409(stack) -> None:  # noq
     assert [m["type"] for m in terminal].count("chat.done") == 1
 
 
-def test_websocket_stop_ends_the_request_with_one_499_and_nothing_after(stack) -> None:  # noqa: ANN001
+def test_websocket_stop_ends_the_request_with_one_499_and_nothing_after(stack) -> None:
     received = _ws_exchange(
         stack, "ws-stop", {"type": "chat.message", "message": "텀블러를 쓰고 싶어요"}, {"type": "chat.stop"}, until=1
     )
@@ -222,8 +224,8 @@ def test_websocket_stop_ends_the_request_with_one_499_and_nothing_after(stack) -
     assert again[-1]["type"] == "chat.done"
 
 
-def test_websocket_rejects_a_foreign_origin(stack) -> None:  # noqa: ANN001
-    with pytest.raises(Exception) as excinfo:  # noqa: PT011 - websockets raises InvalidStatus
+def test_websocket_rejects_a_foreign_origin(stack) -> None:
+    with pytest.raises(Exception) as excinfo:
         with connect(f"{stack.ws_url}/ws/chat/x/", origin="http://evil.example", open_timeout=10):
             pass
     assert "403" in str(excinfo.value)

@@ -14,16 +14,16 @@ import time
 import httpx
 from websockets.sync.client import connect
 
-from tests.helpers import assert_one_terminal_last, parse_sse, SSEStream
+from tests.helpers import SSEStream, assert_one_terminal_last, parse_sse
 
 FREE_TEXT = "/ai/chatbot/recommendation/free-text"
 
 
-def _cancelled_count(stack) -> int:  # noqa: ANN001
+def _cancelled_count(stack) -> int:
     return (stack.log_dir / "worker.log").read_text(errors="replace").count("finished: cancelled")
 
 
-def _wait_for(predicate, timeout: float) -> bool:  # noqa: ANN001
+def _wait_for(predicate, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -32,7 +32,7 @@ def _wait_for(predicate, timeout: float) -> bool:  # noqa: ANN001
     return predicate()
 
 
-def test_sse_client_disconnect_cancels_the_generation(slow_stack) -> None:  # noqa: ANN001
+def test_sse_client_disconnect_cancels_the_generation(slow_stack) -> None:
     before = _cancelled_count(slow_stack)
     with httpx.Client(base_url=slow_stack.base_url, timeout=30) as client:
         with client.stream("GET", FREE_TEXT, params={"sessionId": "gone", "message": "일회용품을 줄이고 싶어요"}) as response:
@@ -45,7 +45,7 @@ def test_sse_client_disconnect_cancels_the_generation(slow_stack) -> None:  # no
     assert _wait_for(lambda: _cancelled_count(slow_stack) > before, 10), "the engine did not cancel the request"
 
 
-def test_websocket_stop_mid_answer_cancels_the_generation(slow_stack) -> None:  # noqa: ANN001
+def test_websocket_stop_mid_answer_cancels_the_generation(slow_stack) -> None:
     before = _cancelled_count(slow_stack)
     with connect(f"{slow_stack.ws_url}/ws/chat/stopper/", origin=slow_stack.origin, open_timeout=10) as socket:
         socket.send(json.dumps({"type": "chat.message", "message": "채식을 해 보고 싶어요"}))
@@ -65,7 +65,7 @@ def test_websocket_stop_mid_answer_cancels_the_generation(slow_stack) -> None:  
     assert _wait_for(lambda: _cancelled_count(slow_stack) > before, 10), "the engine did not cancel the request"
 
 
-def test_worker_killed_mid_answer_ends_the_stream_with_503_then_new_requests_fail_fast(slow_stack) -> None:  # noqa: ANN001
+def test_worker_killed_mid_answer_ends_the_stream_with_503_then_new_requests_fail_fast(slow_stack) -> None:
     with httpx.Client(base_url=slow_stack.base_url, timeout=60) as client:
         with client.stream("GET", FREE_TEXT, params={"sessionId": "victim", "message": "자전거를 타고 싶어요"}) as response:
             raw = b""

@@ -62,7 +62,9 @@ class ListSink:
 
 def base_info_request(request_id: str, code: str, **sampling: Any) -> GenerationRequest:
     fields = {"location": "도시", "workType": "사무직", "category": LABELS[code]}
-    messages = build_messages(system=PROMPTS["base_info"]["system"], user_template=PROMPTS["base_info"]["user_template"], fields=fields)
+    messages = build_messages(
+        system=PROMPTS["base_info"]["system"], user_template=PROMPTS["base_info"]["user_template"], fields=fields
+    )
     return GenerationRequest(
         request_id=request_id,
         group="g",
@@ -76,7 +78,7 @@ def base_info_request(request_id: str, code: str, **sampling: Any) -> Generation
 
 
 @pytest.fixture
-def engine(loaded_demo):  # noqa: ANN001, ANN201
+def engine(loaded_demo):
     sink = ListSink()
     engine = Engine(loaded_demo, sink, max_running=4)
     engine.start()
@@ -84,7 +86,7 @@ def engine(loaded_demo):  # noqa: ANN001, ANN201
     engine.stop()
 
 
-def test_constrained_generation_gives_a_valid_answer_whose_deltas_render_it(engine) -> None:  # noqa: ANN001
+def test_constrained_generation_gives_a_valid_answer_whose_deltas_render_it(engine) -> None:
     engine_, sink = engine
     engine_.submit(base_info_request("a", "VEGAN", temperature=0.0))
     sink.wait(1)
@@ -99,7 +101,7 @@ def test_constrained_generation_gives_a_valid_answer_whose_deltas_render_it(engi
     assert payload["usage"]["completion_tokens"] > 10 and payload["timings"]["ttft_s"] >= 0
 
 
-def test_sampled_answers_stay_schema_valid_across_seeds_and_settings(engine) -> None:  # noqa: ANN001
+def test_sampled_answers_stay_schema_valid_across_seeds_and_settings(engine) -> None:
     engine_, sink = engine
     settings = [
         {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": 1},
@@ -125,7 +127,7 @@ def test_sampled_answers_stay_schema_valid_across_seeds_and_settings(engine) -> 
     assert completed >= 3, "sampling should rarely exhaust a 1024-token budget"
 
 
-def test_greedy_generation_is_deterministic(engine) -> None:  # noqa: ANN001
+def test_greedy_generation_is_deterministic(engine) -> None:
     engine_, sink = engine
     engine_.submit(base_info_request("g1", "UPCYCLING", temperature=0.0))
     engine_.submit(base_info_request("g2", "UPCYCLING", temperature=0.0))
@@ -133,7 +135,7 @@ def test_greedy_generation_is_deterministic(engine) -> None:  # noqa: ANN001
     assert sink.of("g1")[-1][2]["answer"] == sink.of("g2")[-1][2]["answer"]
 
 
-def test_token_budget_running_out_is_an_error_never_a_broken_close(engine) -> None:  # noqa: ANN001
+def test_token_budget_running_out_is_an_error_never_a_broken_close(engine) -> None:
     engine_, sink = engine
     engine_.submit(base_info_request("short", "VEGAN", temperature=0.0, max_new_tokens=16))
     sink.wait(1)
@@ -144,7 +146,7 @@ def test_token_budget_running_out_is_an_error_never_a_broken_close(engine) -> No
     assert payload["message"]
 
 
-def test_cancel_stops_a_request_and_publishes_nothing_more(engine) -> None:  # noqa: ANN001
+def test_cancel_stops_a_request_and_publishes_nothing_more(engine) -> None:
     engine_, sink = engine
     engine_.cancel("early")  # a cancel that arrives before its request
     engine_.submit(base_info_request("early", "VEGAN"))
@@ -154,7 +156,7 @@ def test_cancel_stops_a_request_and_publishes_nothing_more(engine) -> None:  # n
     assert sink.of("after")[-1][0] == "done"
 
 
-def test_expired_request_is_a_deadline_error(engine) -> None:  # noqa: ANN001
+def test_expired_request_is_a_deadline_error(engine) -> None:
     engine_, sink = engine
     request = base_info_request("late", "VEGAN")
     late = GenerationRequest(**{**request.__dict__, "created_at": time.time() - 3600})
@@ -166,10 +168,22 @@ def test_expired_request_is_a_deadline_error(engine) -> None:  # noqa: ANN001
 
 def test_sample_token_guards_nan_and_inf_logits() -> None:
     logits = torch.tensor([float("nan"), 1.0, float("inf"), 0.5])
-    assert sample_token(logits, bitmask=None, seen_ids=None, temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0, rng=None) == 2
+    assert (
+        sample_token(logits, bitmask=None, seen_ids=None, temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0, rng=None)
+        == 2
+    )
     logits = torch.tensor([float("nan"), 1.0, float("nan"), 0.5])
     picks = {
-        sample_token(logits, bitmask=None, seen_ids=None, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, rng=torch.Generator().manual_seed(s))
+        sample_token(
+            logits,
+            bitmask=None,
+            seen_ids=None,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            repetition_penalty=1.0,
+            rng=torch.Generator().manual_seed(s),
+        )
         for s in range(20)
     }
     assert picks <= {1, 3}
@@ -180,18 +194,28 @@ def test_sample_token_respects_the_grammar_bitmask() -> None:
     bitmask = xgr.allocate_token_bitmask(1, 4)
     bitmask.fill_(0)
     bitmask[0, 0] = 1 << 3  # only token 3 allowed
-    assert sample_token(logits, bitmask=bitmask, seen_ids=None, temperature=0.8, top_k=2, top_p=0.5, repetition_penalty=1.0, rng=None) == 3
+    assert (
+        sample_token(
+            logits, bitmask=bitmask, seen_ids=None, temperature=0.8, top_k=2, top_p=0.5, repetition_penalty=1.0, rng=None
+        )
+        == 3
+    )
 
 
 def test_sample_token_raises_when_nothing_is_allowed() -> None:
     bitmask = xgr.allocate_token_bitmask(1, 4)
     bitmask.fill_(0)
     with pytest.raises(GenerationError):
-        sample_token(torch.zeros(4), bitmask=bitmask, seen_ids=None, temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0, rng=None)
+        sample_token(
+            torch.zeros(4), bitmask=bitmask, seen_ids=None, temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0, rng=None
+        )
 
 
 def test_repetition_penalty_follows_the_ctrl_rule() -> None:
     logits = torch.tensor([2.0, 1.9, -1.0])
     seen = torch.tensor([0])
     # 2.0 / 1.5 = 1.33 < 1.9: the seen token loses its lead.
-    assert sample_token(logits, bitmask=None, seen_ids=seen, temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.5, rng=None) == 1
+    assert (
+        sample_token(logits, bitmask=None, seen_ids=seen, temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.5, rng=None)
+        == 1
+    )

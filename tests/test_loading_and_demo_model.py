@@ -13,7 +13,7 @@ from inference.demo_model import DEMO_MODEL_NAME, DemoTrainingConfig, fingerprin
 from inference.loading import ModelLoadError, ModelSettings, load_model, quantization_config
 
 
-def test_demo_model_loads_by_path_named_as_a_demo(loaded_demo) -> None:  # noqa: ANN001
+def test_demo_model_loads_by_path_named_as_a_demo(loaded_demo) -> None:
     assert loaded_demo.name == DEMO_MODEL_NAME and "demo" in loaded_demo.name
     assert loaded_demo.model.config.model_type == "mistral"
     assert loaded_demo.model.generation_config.use_cache is True

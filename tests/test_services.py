@@ -47,7 +47,9 @@ def test_an_inactive_category_is_rejected_without_a_restart() -> None:
 
 
 def test_free_text_category_follows_the_message_keywords() -> None:
-    request = recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": "이메일이랑 클라우드 정리를 하고 싶어요"}))
+    request = recommendation_build_free_text(
+        checked=check_free_text({"sessionId": "s", "message": "이메일이랑 클라우드 정리를 하고 싶어요"})
+    )
     assert request.default_category == "DIGITAL_CARBON"
     assert "이메일이랑" in request.messages[1]["content"]
 

@@ -11,7 +11,7 @@ from chatbot.contract import ContractError, check_base_info, check_free_text
 
 
 def test_encode_event_writes_id_event_and_one_line_of_json() -> None:
-    data = contract.envelope(200, "토큰 생성", "첫 줄\n\n둘째 줄 \"따옴표\"")
+    data = contract.envelope(200, "토큰 생성", '첫 줄\n\n둘째 줄 "따옴표"')
     raw = sse.encode_event(event_id=7, event="challenge", data=data)
     text = raw.decode("utf-8")
     assert text.endswith("\n\n")

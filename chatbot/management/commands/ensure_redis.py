@@ -44,8 +44,25 @@ class Command(BaseCommand):
         directory = settings.DATA_DIR / "redis"
         directory.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [server, "--bind", "127.0.0.1", "--port", str(port), "--daemonize", "yes", "--save", "", "--appendonly", "no",
-             "--dir", str(directory), "--logfile", str(directory / "redis.log"), "--pidfile", str(directory / "redis.pid")],
+            [
+                server,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--daemonize",
+                "yes",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(directory),
+                "--logfile",
+                str(directory / "redis.log"),
+                "--pidfile",
+                str(directory / "redis.pid"),
+            ],
             check=True,
         )
         for _ in range(50):
