@@ -32,7 +32,12 @@ def start_gpu_runtime(sender: str, instance: object, **kwargs: object) -> None:
         return
     from chatbot.runtime import runtime_start
 
-    runtime_start()
+    try:
+        runtime_start()
+    except Exception:  # Celery's signal dispatch would only log it and go on consuming tasks
+        logger.critical("the GPU worker cannot start its engine; exiting", exc_info=True)
+        logging.shutdown()
+        os._exit(1)
 
 
 @worker_shutdown.connect

@@ -1,7 +1,7 @@
 """The WebSocket adapter: `ws://HOST/ws/chat/<sessionId>/`, JSON text frames (DESIGN.md protocol).
 
 client -> server: `chat.base_info` {location, workType, category}, `chat.message` {message},
-`chat.stop`. server -> client: `chat.queued` {position}, `chat.token` {seq, text}, `chat.done`
+`chat.stop`. server -> client: `chat.queued` {position, requestId}, `chat.token` {seq, text}, `chat.done`
 {data}, `chat.error` {status, message[, invalidFields]}. One request in flight per socket: a second
 one gets `chat.error` 409. `chat.stop` cancels generation and answers `chat.error` 499. Bad JSON
 or an unknown type gets `chat.error` 400 and the socket stays open.
@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -20,13 +22,14 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from chatbot import contract
 from chatbot.contract import ContractError
 from chatbot.selectors import NotConfiguredError
-from chatbot.services import recommendation_build_base_info, recommendation_build_free_text
+from chatbot.services import recommendation_build_base_info, recommendation_build_free_text, recommendation_cancel
 from chatbot.streaming import Ping, recommendation_events
 from inference.types import GenerationRequest
 
 logger = logging.getLogger(__name__)
 MAX_FRAME_CHARS = 8 * 1024
 STATUS_STOPPED = 499  # "client closed request", as nginx names it
+STOP_WAIT_S = 2.0  # how long `chat.stop` waits for the relay to wind down before answering 499
 
 
 def _build(kind: str, session_id: str, frame: dict[str, Any]) -> GenerationRequest:
@@ -38,21 +41,35 @@ def _build(kind: str, session_id: str, frame: dict[str, Any]) -> GenerationReque
     )
 
 
+@dataclass
+class _Active:
+    """The socket's request in flight. `done` is set once its terminal frame is decided (sent by the
+    relay, or taken over by stop/disconnect); after that the relay sends nothing more."""
+
+    request_id: str
+    task: asyncio.Task[None] | None = None
+    done: bool = False
+
+
 class ChatConsumer(AsyncWebsocketConsumer):
     """One socket of the chat widget; a protocol adapter over chatbot.services and chatbot.streaming."""
 
     async def connect(self) -> None:
         self.session_id = self.scope["url_route"]["kwargs"]["session_id"]
-        self.task: asyncio.Task[None] | None = None
-        self.finished = True  # the current request has had its terminal frame (or there is none)
+        self.active: _Active | None = None
         await self.accept()
-        if contract._clean(self.session_id, contract.LIMITS["sessionId"]) is None:
+        if contract.clean_field(self.session_id, contract.LIMITS["sessionId"]) is None:
             await self._error(400, f"{contract.MESSAGE_INVALID} 확인할 항목: sessionId", invalid_fields=["sessionId"])
             await self.close(code=4400)
 
     async def disconnect(self, code: int) -> None:
-        if self.task is not None and not self.task.done() and not self.finished:
-            self.task.cancel()  # the listener's finally cancels the generation in the engine
+        active = self.active
+        if active is not None and not active.done:
+            active.done = True
+            if active.task is not None:
+                active.task.cancel()
+            # Explicitly, too: a cancel can be swallowed inside a Redis command (redis-py 8, Python 3.11).
+            await recommendation_cancel(request_id=active.request_id)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if text_data is None or len(text_data) > MAX_FRAME_CHARS:
@@ -72,7 +89,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._error(400, f"{contract.MESSAGE_BAD_FRAME} 알 수 없는 type입니다.")
 
     async def _start(self, kind: str, frame: dict[str, Any]) -> None:
-        if not self.finished:
+        if self.active is not None and not self.active.done:
             await self._error(409, contract.MESSAGE_BUSY)
             return
         try:
@@ -84,43 +101,47 @@ class ChatConsumer(AsyncWebsocketConsumer):
             logger.exception("recommendation is not configured")
             await self._error(503, contract.MESSAGE_NO_WORKER)
             return
-        self.finished = False
-        self.task = asyncio.create_task(self._relay(generation))
+        active = self.active = _Active(request_id=generation.request_id)
+        active.task = asyncio.create_task(self._relay(generation, active))
 
-    async def _relay(self, generation: GenerationRequest) -> None:
+    async def _relay(self, generation: GenerationRequest, active: _Active) -> None:
         try:
-            async for item in recommendation_events(generation):
-                if isinstance(item, Ping):
-                    continue
-                kind = item["type"]
-                if kind == "chat.queued":
-                    await self._send({"type": "chat.queued", "position": item["position"]})
-                elif kind == "chat.token":
-                    await self._send({"type": "chat.token", "seq": item["seq"], "text": item["text"]})
-                elif kind == "chat.done":
-                    self.finished = True  # before the send: a stop from now on has nothing to stop
-                    await self._send({"type": "chat.done", "data": item["data"]})
-                elif kind == "chat.error":
-                    self.finished = True
-                    await self._error(int(item["status"]), item["message"])
+            async with aclosing(recommendation_events(generation)) as events:
+                async for item in events:
+                    if active.done:
+                        return  # stopped: drop whatever still arrives
+                    if isinstance(item, Ping):
+                        continue
+                    kind = item["type"]
+                    if kind == "chat.queued":
+                        payload = {"type": "chat.queued", "position": item["position"], "requestId": active.request_id}
+                        await self._send(payload)
+                    elif kind == "chat.token":
+                        await self._send({"type": "chat.token", "seq": item["seq"], "text": item["text"]})
+                    elif kind == "chat.done":
+                        active.done = True  # before the send: a stop from now on has nothing to stop
+                        await self._send({"type": "chat.done", "data": item["data"]})
+                    elif kind == "chat.error":
+                        active.done = True
+                        await self._error(int(item["status"]), item["message"])
         except asyncio.CancelledError:
             raise
         except Exception:
             logger.exception("relay failed for request %s", generation.request_id)
-            if not self.finished:
-                self.finished = True
+            if not active.done:
+                active.done = True
                 await self._error(500, contract.MESSAGE_INTERNAL)
 
     async def _stop(self) -> None:
-        task = self.task
-        if self.finished or task is None:
+        active = self.active
+        if active is None or active.done:
             return
-        self.finished = True
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        active.done = True
+        # Cancel in the engine directly; the relay's own cleanup may not run if its cancel is swallowed.
+        await recommendation_cancel(request_id=active.request_id)
+        if active.task is not None:
+            active.task.cancel()
+            await asyncio.wait({active.task}, timeout=STOP_WAIT_S)
         await self._error(STATUS_STOPPED, contract.MESSAGE_STOPPED)
 
     async def _send(self, payload: dict[str, Any]) -> None:

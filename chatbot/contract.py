@@ -59,7 +59,7 @@ class FreeTextInput:
     message: str
 
 
-def _clean(value: Any, limit: int, *, multiline: bool = False) -> str | None:
+def clean_field(value: Any, limit: int, *, multiline: bool = False) -> str | None:
     """The trimmed string, or None when missing, empty, too long or holding control characters."""
     if not isinstance(value, str):
         return None
@@ -76,7 +76,7 @@ def _check(params: Mapping[str, Any], fields: tuple[str, ...]) -> dict[str, str]
     cleaned: dict[str, str] = {}
     invalid: list[str] = []
     for name in fields:
-        value = _clean(params.get(name), LIMITS[name], multiline=name == "message")
+        value = clean_field(params.get(name), LIMITS[name], multiline=name == "message")
         if value is None:
             invalid.append(name)
         else:

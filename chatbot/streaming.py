@@ -6,9 +6,10 @@ the task, then yields the request's events in order: `chat.queued`, `chat.token`
 terminal event (`chat.done` or `chat.error`), after which it ends. While nothing arrives it yields
 `Ping` every `ping_interval_s` so the caller can keep the connection alive. Every failure becomes a
 terminal `chat.error`: no live worker (503), no worker took the request (503), the worker that took
-it stopped sending heartbeats (503), deadline (504), Redis or any other exception (500). If the
-consumer stops iterating before the terminal event (client gone, stop pressed), the request is
-cancelled in the engine.
+it stopped sending heartbeats (503), no first token or no event for LEAFRESH_STALL_TIMEOUT_S while
+the worker lives (504: an event was lost), Redis or any other exception (500). Whenever the stream
+ends without the worker's own terminal event (client gone, stop pressed, the listener gave up), the
+request is cancelled in the engine.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from inference.types import TERMINAL_TYPES, FinishReason, GenerationRequest
 
 logger = logging.getLogger(__name__)
 LIVENESS_CHECK_INTERVAL_S = 1.0  # how often a waiting listener checks its worker's heartbeat
+DEADLINE_GRACE_S = 5.0  # the listener's backstop deadlines trail the engine's own by this much
 
 
 @dataclass(frozen=True)
@@ -60,47 +62,90 @@ async def _receive_forever(layer: Any, channel: str, inbox: asyncio.Queue[dict[s
         inbox.put_nowait(exc)
 
 
+def _raise_if_cancelling() -> None:
+    """Raise CancelledError when this task was asked to stop but an await swallowed the request.
+
+    On Python 3.11, `wait_for` and redis-py 8's async commands can complete normally although the
+    task was cancelled meanwhile; `Task.cancelling()` still counts the request.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dict[str, Any] | Ping]:
-    """Dispatch `request` and yield its events until (and including) exactly one terminal event."""
+    """Dispatch `request` and yield its events until (and including) exactly one terminal event.
+
+    Use it with `contextlib.aclosing`, so the cleanup (cancel, group_discard) runs when the caller
+    stops early rather than when the generator is garbage-collected.
+    """
     layer = get_channel_layer()
     ping_interval = settings.LEAFRESH_PING_INTERVAL_S
-    accept_deadline = time.monotonic() + settings.LEAFRESH_ACCEPT_TIMEOUT_S
-    total_deadline = time.monotonic() + request.total_timeout_s + 5  # the engine's own deadline comes first
+    started = time.monotonic()
+    accept_deadline = started + settings.LEAFRESH_ACCEPT_TIMEOUT_S
+    # The engine enforces the request's own deadlines and reports them; these are the listener's backstop.
+    first_token_deadline = started + request.ttft_timeout_s + DEADLINE_GRACE_S
+    total_deadline = started + request.total_timeout_s + DEADLINE_GRACE_S
     # The default prefix: channels-redis polls every process-local channel through one shared name.
     channel = await layer.new_channel()
     inbox: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
     receiver: asyncio.Task[None] | None = None
     last_seq = 0
-    accepted = False
     worker: str | None = None  # who took the request, from chat.queued
+    first_token_seen = False
+    last_event_at = started
     next_liveness_check = 0.0
-    finished = False
+    dispatched = False
+    worker_done = False  # the worker sent this request's terminal event: nothing to cancel
+    terminal_sent = False  # a terminal event was yielded: never yield another
+
+    def fail(status: int, message: str, reason: FinishReason) -> dict[str, Any]:
+        nonlocal terminal_sent
+        terminal_sent = True
+        return _error(request, last_seq + 1, status, message, reason)
+
     try:
         await layer.group_add(request.group, channel)
+        _raise_if_cancelling()
         receiver = asyncio.create_task(_receive_forever(layer, channel, inbox))
-        if not await worker_alive():
-            finished = True
-            yield _error(request, 1, 503, contract.MESSAGE_NO_WORKER, FinishReason.ERROR)
+        alive = await worker_alive()
+        _raise_if_cancelling()
+        if not alive:
+            yield fail(503, contract.MESSAGE_NO_WORKER, FinishReason.ERROR)
             return
         await sync_to_async(recommendation_dispatch, thread_sensitive=False)(request=request)
+        dispatched = True
+        _raise_if_cancelling()
         while True:
             now = time.monotonic()
-            deadline = total_deadline if accepted else min(total_deadline, accept_deadline)
+            if worker is None:
+                deadline, failure = accept_deadline, (503, contract.MESSAGE_NO_WORKER, FinishReason.ERROR)
+            elif not first_token_seen:
+                deadline, failure = first_token_deadline, (504, contract.MESSAGE_TIMEOUT, FinishReason.DEADLINE)
+            else:
+                deadline, failure = (
+                    last_event_at + settings.LEAFRESH_STALL_TIMEOUT_S,
+                    (
+                        504,
+                        contract.MESSAGE_TIMEOUT,
+                        FinishReason.DEADLINE,
+                    ),
+                )
+            deadline = min(deadline, total_deadline)
             if now >= deadline:
-                finished = True
-                if accepted:
-                    yield _error(request, last_seq + 1, 504, contract.MESSAGE_TIMEOUT, FinishReason.DEADLINE)
-                else:
-                    yield _error(request, last_seq + 1, 503, contract.MESSAGE_NO_WORKER, FinishReason.ERROR)
+                logger.warning("listener of request %s gave up waiting (worker=%s)", request.request_id, worker)
+                yield fail(*failure)
                 return
             if worker and now >= next_liveness_check:
                 next_liveness_check = now + LIVENESS_CHECK_INTERVAL_S
-                if not await worker_alive(name=worker):
-                    finished = True
-                    yield _error(request, last_seq + 1, 503, contract.MESSAGE_WORKER_LOST, FinishReason.ERROR)
+                alive = await worker_alive(name=worker)
+                _raise_if_cancelling()
+                if not alive:
+                    yield fail(503, contract.MESSAGE_WORKER_LOST, FinishReason.ERROR)
                     return
             try:
-                message = await asyncio.wait_for(inbox.get(), timeout=min(ping_interval, deadline - now))
+                async with asyncio.timeout(min(ping_interval, deadline - now)):
+                    message = await inbox.get()
             except TimeoutError:
                 yield Ping()
                 continue
@@ -112,25 +157,28 @@ async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dic
             if seq <= last_seq:
                 continue  # a duplicate delivery
             last_seq = seq
-            accepted = True
-            if message.get("type") == "chat.queued":
-                worker = message.get("worker") or None
-            if message.get("type") in TERMINAL_TYPES:
-                finished = True
+            last_event_at = time.monotonic()
+            kind = message.get("type")
+            if kind == "chat.queued":
+                worker = message.get("worker") or "?"
+            elif kind == "chat.token":
+                first_token_seen = True
+            if kind in TERMINAL_TYPES:
+                worker_done = terminal_sent = True
                 yield message
                 return
             yield message
     except Exception:
-        if finished:
+        if terminal_sent:
             raise
         logger.exception("listener failed for request %s", request.request_id)
-        finished = True
-        yield _error(request, last_seq + 1, 500, contract.MESSAGE_INTERNAL, FinishReason.ERROR)
+        yield fail(500, contract.MESSAGE_INTERNAL, FinishReason.ERROR)
     finally:
         if receiver is not None:
             receiver.cancel()
-        if not finished:
-            logger.info("listener of request %s ended before its terminal event: cancelling it", request.request_id)
+        if dispatched and not worker_done:
+            # The client went away, or the listener gave up: the engine must not keep generating.
+            logger.info("request %s ended without the worker's terminal event: cancelling it", request.request_id)
             try:
                 await asyncio.shield(recommendation_cancel(request_id=request.request_id))
             except BaseException:  # noqa: BLE001 - best effort while the client goes away

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import render
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_http_methods
+from django.views.decorators.http import require_GET
 
 from chatbot import contract, sse
 from chatbot.contract import ContractError
@@ -26,6 +27,7 @@ from inference.types import GenerationRequest
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 8 * 1024
+REQUEST_ID_HEADER = "X-Request-ID"  # the generation's id, as the worker's logs name it
 
 
 def _params(request: HttpRequest) -> dict[str, Any]:
@@ -47,73 +49,77 @@ async def _sse_body(generation: GenerationRequest) -> AsyncIterator[bytes]:
     """The event stream: `challenge` deltas, then exactly one `close` or `error`, then the end."""
     last_id = 0
     try:
-        async for item in recommendation_events(generation):
-            if isinstance(item, Ping):
-                yield sse.PING
-                continue
-            last_id = int(item["seq"])
-            kind = item["type"]
-            if kind == "chat.token":
-                data = contract.envelope(200, contract.MESSAGE_TOKEN, item["text"])
-                yield sse.encode_event(event_id=last_id, event="challenge", data=data)
-            elif kind == "chat.done":
-                data = contract.envelope(200, contract.MESSAGE_DONE, item["data"])
-                yield sse.encode_event(event_id=last_id, event="close", data=data)
-                return
-            elif kind == "chat.error":
-                data = contract.envelope(int(item["status"]), item["message"], None)
-                yield sse.encode_event(event_id=last_id, event="error", data=data)
-                return
+        async with aclosing(recommendation_events(generation)) as events:
+            async for item in events:
+                if isinstance(item, Ping):
+                    yield sse.PING
+                    continue
+                last_id = int(item["seq"])
+                kind = item["type"]
+                if kind == "chat.token":
+                    data = contract.envelope(200, contract.MESSAGE_TOKEN, item["text"])
+                    yield sse.encode_event(event_id=last_id, event="challenge", data=data)
+                elif kind == "chat.done":
+                    data = contract.envelope(200, contract.MESSAGE_DONE, item["data"])
+                    yield sse.encode_event(event_id=last_id, event="close", data=data)
+                    return
+                elif kind == "chat.error":
+                    data = contract.envelope(int(item["status"]), item["message"], None)
+                    yield sse.encode_event(event_id=last_id, event="error", data=data)
+                    return
     except Exception:
         logger.exception("SSE stream failed for request %s", generation.request_id)
         data = contract.envelope(500, contract.MESSAGE_INTERNAL, None)
         yield sse.encode_event(event_id=last_id + 1, event="error", data=data)
 
 
+def _json(payload: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> JsonResponse:
+    """A JSON response with Korean kept readable (not \\u-escaped)."""
+    return JsonResponse(payload, status=status, headers=headers, json_dumps_params={"ensure_ascii": False})
+
+
 async def _answer_json(generation: GenerationRequest) -> JsonResponse:
     """Wait for the terminal event and answer one JSON document."""
-    async for item in recommendation_events(generation):
-        if isinstance(item, Ping):
-            continue
-        if item["type"] == "chat.done":
-            return JsonResponse(
-                contract.envelope(200, contract.MESSAGE_DONE, item["data"]), json_dumps_params={"ensure_ascii": False}
-            )
-        if item["type"] == "chat.error":
-            status = int(item["status"])
-            return JsonResponse(
-                contract.envelope(status, item["message"], None), status=status, json_dumps_params={"ensure_ascii": False}
-            )
-    return JsonResponse(contract.envelope(500, contract.MESSAGE_INTERNAL, None), status=500)
+    headers = {REQUEST_ID_HEADER: generation.request_id}
+    async with aclosing(recommendation_events(generation)) as events:
+        async for item in events:
+            if isinstance(item, Ping):
+                continue
+            if item["type"] == "chat.done":
+                return _json(contract.envelope(200, contract.MESSAGE_DONE, item["data"]), headers=headers)
+            if item["type"] == "chat.error":
+                status = int(item["status"])
+                return _json(contract.envelope(status, item["message"], None), status=status, headers=headers)
+    return _json(contract.envelope(500, contract.MESSAGE_INTERNAL, None), status=500, headers=headers)
 
 
 async def _recommend(request: HttpRequest, build: Callable[[dict[str, Any]], GenerationRequest]) -> HttpResponse:
+    if request.method not in ("GET", "POST"):
+        message = "GET(SSE) 또는 POST(JSON)만 지원합니다."
+        return _json(contract.envelope(405, message, None), status=405, headers={"Allow": "GET, POST"})
     try:
         generation = await sync_to_async(build)(_params(request))
     except ContractError as exc:
-        return JsonResponse(exc.envelope(), status=exc.status, json_dumps_params={"ensure_ascii": False})
+        return _json(exc.envelope(), status=exc.status)
     except NotConfiguredError:
         logger.exception("recommendation is not configured")
-        return JsonResponse(
-            contract.envelope(503, contract.MESSAGE_NO_WORKER, None), status=503, json_dumps_params={"ensure_ascii": False}
-        )
+        return _json(contract.envelope(503, contract.MESSAGE_NO_WORKER, None), status=503)
     if request.method == "POST":
         return await _answer_json(generation)
     response = StreamingHttpResponse(_sse_body(generation), content_type=sse.CONTENT_TYPE)
     for name, value in sse.HEADERS.items():
         response[name] = value
+    response[REQUEST_ID_HEADER] = generation.request_id
     return response
 
 
 @csrf_exempt
-@require_http_methods(["GET", "POST"])
 async def base_info(request: HttpRequest) -> HttpResponse:
     """`/ai/chatbot/recommendation/base-info`: sessionId, location, workType, category (Korean label)."""
     return await _recommend(request, lambda params: recommendation_build_base_info(checked=contract.check_base_info(params)))
 
 
 @csrf_exempt
-@require_http_methods(["GET", "POST"])
 async def free_text(request: HttpRequest) -> HttpResponse:
     """`/ai/chatbot/recommendation/free-text`: sessionId, message."""
     return await _recommend(request, lambda params: recommendation_build_free_text(checked=contract.check_free_text(params)))

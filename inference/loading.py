@@ -122,6 +122,7 @@ def load_model(settings: ModelSettings) -> LoadedModel:
         raise ModelLoadError("bitsandbytes quantisation needs a CUDA device; set LEAFRESH_QUANTIZATION=none on CPU")
     settings.cache_dir.mkdir(parents=True, exist_ok=True)
     common: dict[str, Any] = {"cache_dir": str(settings.cache_dir), "token": settings.hf_token}
+    failure: str | None = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(settings.source, **common)
         model = AutoModelForCausalLM.from_pretrained(
@@ -132,11 +133,14 @@ def load_model(settings: ModelSettings) -> LoadedModel:
             low_cpu_mem_usage=True,
             **common,
         )
-    except Exception as exc:  # noqa: BLE001 - re-raised with a message free of secrets
-        detail = str(exc)
+    except Exception as exc:  # noqa: BLE001 - re-raised below with a message free of secrets
+        failure = f"could not load model {settings.source!r}: {type(exc).__name__}: {exc}"
         if settings.hf_token:
-            detail = detail.replace(settings.hf_token, "***")
-        raise ModelLoadError(f"could not load model {settings.source!r}: {type(exc).__name__}: {detail}") from None
+            failure = failure.replace(settings.hf_token, "***")
+    if failure is not None:
+        # Raised outside the except block: the original exception (which may quote the token) is
+        # not kept as __context__ for an error reporter to find.
+        raise ModelLoadError(failure)
     if quant is None:
         model.to(device)
     model.eval()

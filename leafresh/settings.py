@@ -123,6 +123,8 @@ LEAFRESH_PING_INTERVAL_S = env.float("LEAFRESH_PING_INTERVAL_S", default=5.0)  #
 LEAFRESH_ACCEPT_TIMEOUT_S = env.float("LEAFRESH_ACCEPT_TIMEOUT_S", default=15.0)  # no worker took the request
 LEAFRESH_TTFT_TIMEOUT_S = env.float("LEAFRESH_TTFT_TIMEOUT_S", default=60.0)
 LEAFRESH_TOTAL_TIMEOUT_S = env.float("LEAFRESH_TOTAL_TIMEOUT_S", default=180.0)
+# A running answer sends an event every flush interval; this long without one means an event was lost.
+LEAFRESH_STALL_TIMEOUT_S = env.float("LEAFRESH_STALL_TIMEOUT_S", default=30.0)
 
 LOGGING = {
     "version": 1,

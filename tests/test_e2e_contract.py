@@ -44,6 +44,7 @@ def test_base_info_sse_streams_text_then_one_close(client: httpx.Client) -> None
     assert stream.headers["cache-control"] == "no-cache"
     assert stream.headers["x-accel-buffering"] == "no"
     assert "content-encoding" not in stream.headers
+    assert len(stream.headers["x-request-id"]) == 32
     assert_one_terminal_last(stream)
     close = stream.terminal
     assert close.event == "close"
@@ -118,6 +119,13 @@ def test_bad_input_is_a_400_before_any_stream(client: httpx.Client, path: str, p
         assert body["data"] == {"invalidFields": invalid}
 
 
+def test_other_methods_get_a_json_405(client: httpx.Client) -> None:
+    for path in (BASE_INFO, FREE_TEXT):
+        response = client.put(path, json=KOREAN_BASE_INFO)
+        assert response.status_code == 405 and response.headers["allow"] == "GET, POST"
+        assert response.json()["status"] == 405 and response.json()["data"] is None
+
+
 def test_post_with_a_body_that_is_not_a_json_object_is_a_400(client: httpx.Client) -> None:
     for content in (b"{not json", b"[1, 2]", b"\xff\xfe"):
         response = client.post(BASE_INFO, content=content, headers={"content-type": "application/json"})
@@ -175,7 +183,7 @@ def test_websocket_base_info_streams_tokens_then_done(stack) -> None:
         stack, "ws-base", {"type": "chat.base_info", "location": "산", "workType": "현장직", "category": "플로깅"}
     )
     types = [m["type"] for m in received]
-    assert types[0] == "chat.queued" and received[0]["position"] >= 0
+    assert types[0] == "chat.queued" and received[0]["position"] >= 0 and len(received[0]["requestId"]) == 32
     assert types[-1] == "chat.done" and types.count("chat.done") == 1
     tokens = [m for m in received if m["type"] == "chat.token"]
     assert tokens and [t["seq"] for t in tokens] == sorted({t["seq"] for t in tokens})

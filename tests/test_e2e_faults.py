@@ -19,8 +19,9 @@ from tests.helpers import SSEStream, assert_one_terminal_last, parse_sse
 FREE_TEXT = "/ai/chatbot/recommendation/free-text"
 
 
-def _cancelled_count(stack) -> int:
-    return (stack.log_dir / "worker.log").read_text(errors="replace").count("finished: cancelled")
+def _cancelled_in_engine(stack, request_id: str) -> bool:
+    """The worker logged this request as cancelled."""
+    return f"request {request_id} finished: cancelled" in (stack.log_dir / "worker.log").read_text(errors="replace")
 
 
 def _wait_for(predicate, timeout: float) -> bool:
@@ -33,22 +34,24 @@ def _wait_for(predicate, timeout: float) -> bool:
 
 
 def test_sse_client_disconnect_cancels_the_generation(slow_stack) -> None:
-    before = _cancelled_count(slow_stack)
     with httpx.Client(base_url=slow_stack.base_url, timeout=30) as client:
         with client.stream("GET", FREE_TEXT, params={"sessionId": "gone", "message": "일회용품을 줄이고 싶어요"}) as response:
             assert response.status_code == 200
+            request_id = response.headers["x-request-id"]
             received = b""
             for chunk in response.iter_raw():
                 received += chunk
                 if b"event: challenge" in received:
                     break  # leave mid-answer: the connection closes here
-    assert _wait_for(lambda: _cancelled_count(slow_stack) > before, 10), "the engine did not cancel the request"
+    assert _wait_for(lambda: _cancelled_in_engine(slow_stack, request_id), 10), "the engine did not cancel the request"
 
 
 def test_websocket_stop_mid_answer_cancels_the_generation(slow_stack) -> None:
-    before = _cancelled_count(slow_stack)
     with connect(f"{slow_stack.ws_url}/ws/chat/stopper/", origin=slow_stack.origin, open_timeout=10) as socket:
         socket.send(json.dumps({"type": "chat.message", "message": "채식을 해 보고 싶어요"}))
+        queued = json.loads(socket.recv(timeout=30))
+        assert queued["type"] == "chat.queued"
+        request_id = queued["requestId"]
         while json.loads(socket.recv(timeout=30))["type"] != "chat.token":
             pass
         socket.send(json.dumps({"type": "chat.stop"}))
@@ -62,7 +65,16 @@ def test_websocket_stop_mid_answer_cancels_the_generation(slow_stack) -> None:
         except TimeoutError:
             extra = None
         assert extra is None, f"a frame arrived after the terminal one: {extra}"
-    assert _wait_for(lambda: _cancelled_count(slow_stack) > before, 10), "the engine did not cancel the request"
+    assert _wait_for(lambda: _cancelled_in_engine(slow_stack, request_id), 10), "the engine did not cancel the request"
+
+
+def test_closing_the_socket_mid_answer_cancels_the_generation(slow_stack) -> None:
+    with connect(f"{slow_stack.ws_url}/ws/chat/closer/", origin=slow_stack.origin, open_timeout=10) as socket:
+        socket.send(json.dumps({"type": "chat.message", "message": "전기를 아끼고 싶어요"}))
+        request_id = json.loads(socket.recv(timeout=30))["requestId"]
+        while json.loads(socket.recv(timeout=30))["type"] != "chat.token":
+            pass
+    assert _wait_for(lambda: _cancelled_in_engine(slow_stack, request_id), 10), "the engine did not cancel the request"
 
 
 def test_worker_killed_mid_answer_ends_the_stream_with_503_then_new_requests_fail_fast(slow_stack) -> None:
