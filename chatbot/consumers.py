@@ -126,7 +126,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
                         await self._error(int(item["status"]), item["message"])
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception:  # end with one error frame, never a silent stall
             logger.exception("relay failed for request %s", generation.request_id)
             if not active.done:
                 active.done = True

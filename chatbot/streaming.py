@@ -168,7 +168,7 @@ async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dic
                 yield message
                 return
             yield message
-    except Exception:
+    except Exception:  # Redis loss or a bug: end with an in-band error, never hang
         if terminal_sent:
             raise
         logger.exception("listener failed for request %s", request.request_id)

@@ -67,7 +67,7 @@ async def _sse_body(generation: GenerationRequest) -> AsyncIterator[bytes]:
                     data = contract.envelope(int(item["status"]), item["message"], None)
                     yield sse.encode_event(event_id=last_id, event="error", data=data)
                     return
-    except Exception:
+    except Exception:  # under daphne an exception here would leave the response open
         logger.exception("SSE stream failed for request %s", generation.request_id)
         data = contract.envelope(500, contract.MESSAGE_INTERNAL, None)
         yield sse.encode_event(event_id=last_id + 1, event="error", data=data)

@@ -182,7 +182,7 @@ class Engine:
                     self._drain_inbox(block=not self._running and not self._waiting)
                     self._admit()
                     self._decode_round()
-                except Exception:
+                except Exception:  # the loop must survive anything one request does
                     logger.exception("engine loop failure")
                     for seq in list(self._running):
                         self._fail(seq, FinishReason.ERROR, 500, MESSAGE_ERROR)

@@ -14,13 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
+
 from inference.types import DoneEvent, ErrorEvent, FinishReason, GenerationRequest, QueuedEvent, TokenEvent
 
 logger = logging.getLogger(__name__)
+FINISHED_MEMORY = 10_000  # how many ended request ids are remembered to drop their late events
+SEND_ATTEMPTS = 4  # a Redis hiccup (reconnect, failover) is retried for about 0.7 s before an event is dropped
 
 
 class LoopThread:
@@ -68,7 +73,6 @@ class _Stream:
     seq: int = 0
     pending: str = ""
     flush_handle: asyncio.TimerHandle | None = None
-    closed: bool = False
 
 
 class ChannelLayerPublisher:
@@ -85,6 +89,7 @@ class ChannelLayerPublisher:
         self.loop_thread = loop_thread
         self.flush_interval_s = flush_interval_s
         self._streams: dict[str, _Stream] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()  # recently ended requests: drop late events
         self._outbox: asyncio.Queue[tuple[str, dict[str, Any]]] | None = None
         self._sender = loop_thread.submit(self._send_forever())
         self.sent = 0
@@ -127,21 +132,32 @@ class ChannelLayerPublisher:
         self.loop_thread.submit(_wait()).result(timeout)
 
     # --- the loop ---
-    def _stream(self, request_id: str, group: str) -> _Stream:
+    def _stream(self, request_id: str, group: str) -> _Stream | None:
+        """The request's open stream, created on first use; None once it has ended (terminal or discard)."""
+        if request_id in self._finished:
+            return None
         stream = self._streams.get(request_id)
         if stream is None:
             stream = self._streams[request_id] = _Stream(request_id=request_id, group=group)
         return stream
 
-    def _enqueue(self, request_id: str, stream: _Stream, event: dict[str, Any]) -> None:
+    def _end(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None and stream.flush_handle is not None:
+            stream.flush_handle.cancel()
+        self._finished[request_id] = None
+        while len(self._finished) > FINISHED_MEMORY:
+            self._finished.popitem(last=False)
+
+    def _enqueue(self, stream: _Stream, event: dict[str, Any]) -> None:
         stream.seq += 1
-        event.update(request_id=request_id, seq=stream.seq)
+        event.update(request_id=stream.request_id, seq=stream.seq)
         assert self._outbox is not None
         self._outbox.put_nowait((stream.group, event))
 
     def _queued(self, request_id: str, group: str, position: int) -> None:
         stream = self._stream(request_id, group)
-        if not stream.closed:
+        if stream is not None:
             event: QueuedEvent = {
                 "type": "chat.queued",
                 "request_id": request_id,
@@ -149,11 +165,11 @@ class ChannelLayerPublisher:
                 "position": position,
                 "worker": self.worker,
             }
-            self._enqueue(request_id, stream, dict(event))
+            self._enqueue(stream, dict(event))
 
     def _token(self, request_id: str, group: str, text: str) -> None:
         stream = self._stream(request_id, group)
-        if stream.closed:
+        if stream is None:
             return
         stream.pending += text
         if stream.flush_handle is None:
@@ -168,34 +184,36 @@ class ChannelLayerPublisher:
         if stream.flush_handle is not None:
             stream.flush_handle.cancel()
             stream.flush_handle = None
-        if stream.pending and not stream.closed:
+        if stream.pending:
             event: TokenEvent = {"type": "chat.token", "request_id": stream.request_id, "seq": 0, "text": stream.pending}
             stream.pending = ""
-            self._enqueue(stream.request_id, stream, dict(event))
+            self._enqueue(stream, dict(event))
 
     def _terminal(self, request_id: str, group: str, event: dict[str, Any]) -> None:
         stream = self._stream(request_id, group)
-        if stream.closed:
+        if stream is None:
             return
         self._flush_stream(stream)
-        stream.closed = True
         typed: DoneEvent | ErrorEvent = event  # type: ignore[assignment]
-        self._enqueue(request_id, stream, dict(typed))
-        self._streams.pop(request_id, None)
+        self._enqueue(stream, dict(typed))
+        self._end(request_id)
 
     def _discard(self, request_id: str) -> None:
-        stream = self._streams.pop(request_id, None)
-        if stream is not None and stream.flush_handle is not None:
-            stream.flush_handle.cancel()
+        self._end(request_id)
 
     async def _send_forever(self) -> None:
         self._outbox = asyncio.Queue()
         while True:
             group, event = await self._outbox.get()
             try:
-                await self.layer.group_send(group, event)
+                async for attempt in AsyncRetrying(
+                    stop=stop_after_attempt(SEND_ATTEMPTS), wait=wait_exponential(multiplier=0.1, max=1.0), reraise=True
+                ):
+                    with attempt:
+                        await self.layer.group_send(group, event)
                 self.sent += 1
-            except Exception:
+            except Exception:  # a lost Redis must not kill the publisher
+                # The listener's stall watchdog ends a stream whose events stop arriving.
                 logger.exception("could not publish %s for request %s", event["type"], event["request_id"])
             finally:
                 self._outbox.task_done()
