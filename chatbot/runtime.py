@@ -40,6 +40,7 @@ def worker_settings() -> WorkerSettings:
         redis_url=settings.REDIS_URL,
         channel_layer=settings.CHANNEL_LAYERS["default"]["CONFIG"],
         max_running=settings.LEAFRESH_MAX_RUNNING,
+        max_waiting=settings.LEAFRESH_MAX_WAITING,
         flush_interval_s=settings.LEAFRESH_FLUSH_INTERVAL_S,
         heartbeat_ttl_s=settings.LEAFRESH_HEARTBEAT_TTL_S,
         # Refresh well inside the TTL, so one late beat never looks like a dead worker.

@@ -7,8 +7,10 @@ round, so all live sessions stream at once. Each request has its own KV cache, s
 grammar matcher and random generator. Cancellation and deadlines are checked at every step (Celery's
 time limits and revoke do nothing under the solo pool).
 
-This version decodes the running requests one after another within a round; batching them into one
-forward pass (continuous batching) replaces `_decode_round` without changing the interface.
+Continuous batching: the running requests' KV caches live in one left-padded batch
+(inference.batch.KVBatch); each decode step samples one token per row, each row with its own
+xgrammar matcher (one bitmask row each) and sampling settings, and runs one forward pass for all
+rows. New requests are prefilled and join at a token boundary; finished or cancelled rows leave.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import xgrammar as xgr
 
 from inference.answer import answer_schema, finalize_answer
+from inference.batch import KVBatch
 from inference.detokenize import IncrementalDetokenizer
 from inference.loading import LoadedModel
 from inference.render import ProgressiveRenderer
@@ -37,6 +40,7 @@ logger = logging.getLogger(__name__)
 MESSAGE_LENGTH = "답변이 너무 길어져 완성하지 못했습니다. 다시 시도해 주세요."
 MESSAGE_DEADLINE = "응답 시간이 초과되었습니다. 잠시 후 다시 시도해 주세요."
 MESSAGE_ERROR = "추천을 생성하는 중 오류가 발생했습니다. 잠시 후 다시 시도해 주세요."
+MESSAGE_BUSY = "지금은 요청이 많아 처리할 수 없습니다. 잠시 후 다시 시도해 주세요."
 
 
 class EventSink(Protocol):
@@ -69,18 +73,17 @@ class GenerationError(RuntimeError):
 
 @dataclass
 class _Sequence:
+    """A running request's state outside the KV batch (its row there has the same index in `_rows`)."""
+
     request: GenerationRequest
     prompt_ids: list[int]
     matcher: xgr.GrammarMatcher
-    bitmask: torch.Tensor
     detokenizer: IncrementalDetokenizer
     renderer: ProgressiveRenderer
     rng: torch.Generator
     admitted_at: float
     generated: list[int] = field(default_factory=list)
     completion: str = ""
-    cache: Any = None
-    next_logits: torch.Tensor | None = None
     first_token_at: float | None = None
 
 
@@ -127,25 +130,31 @@ def sample_token(
 
 
 class Engine:
-    """Serves generation requests from one thread that owns the model.
+    """Serves generation requests from one thread that owns the model (continuous batching).
 
     `submit(request)` and `cancel(request_id)` are thread-safe and return at once; results go to
-    the `sink`. `max_running` bounds the requests decoding together; more wait in arrival order.
+    the `sink`. Up to `max_running` requests decode together in one batch; up to `max_waiting`
+    more wait in arrival order and join the batch at a token boundary; past that a request is
+    refused at once with `error` 503.
     """
 
-    def __init__(self, loaded: LoadedModel, sink: EventSink, *, max_running: int = 8) -> None:
+    def __init__(self, loaded: LoadedModel, sink: EventSink, *, max_running: int = 8, max_waiting: int = 64) -> None:
         self.loaded = loaded
         self.sink = sink
         self.max_running = max_running
+        self.max_waiting = max_waiting
         tokenizer = loaded.tokenizer
         vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
         self.grammars = GrammarFactory(tokenizer, vocab_size=vocab_size)
+        self._bitmask = xgr.allocate_token_bitmask(max_running, vocab_size)
+        self._batch = KVBatch(loaded.model, loaded.device)
+        self._rows: list[_Sequence] = []  # row i of the batch
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._waiting: deque[GenerationRequest] = deque()
-        self._running: list[_Sequence] = []
         self._cancelled: OrderedDict[str, float] = OrderedDict()  # cancels that may precede their submit
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.steps = 0  # decode steps run (one forward pass for the whole batch each)
 
     # --- interface (any thread) ---
     def start(self) -> None:
@@ -155,7 +164,7 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the loop; requests still running get an `error` event (the worker is going away)."""
+        """Stop the loop; requests still running or waiting get an `error` 503 (the worker is going away)."""
         self._stop.set()
         self._inbox.put(("wake", None))
         if self._thread is not None:
@@ -172,22 +181,22 @@ class Engine:
     @property
     def load(self) -> tuple[int, int]:
         """(running, waiting) counts, read without locking (for heartbeats and metrics)."""
-        return len(self._running), len(self._waiting)
+        return len(self._rows), len(self._waiting)
 
     # --- the loop (engine thread only) ---
     def _run(self) -> None:
         with torch.inference_mode():
             while not self._stop.is_set():
                 try:
-                    self._drain_inbox(block=not self._running and not self._waiting)
+                    self._drain_inbox(block=not self._rows and not self._waiting)
+                    self._expire()
                     self._admit()
-                    self._decode_round()
+                    if self._rows:
+                        self._decode_step()
                 except Exception:  # the loop must survive anything one request does
                     logger.exception("engine loop failure")
-                    for seq in list(self._running):
-                        self._fail(seq, FinishReason.ERROR, 500, MESSAGE_ERROR)
-            for seq in list(self._running):
-                self._fail(seq, FinishReason.ERROR, 503, MESSAGE_ERROR)
+                    self._fail_rows(list(range(len(self._rows))), FinishReason.ERROR, 500, MESSAGE_ERROR)
+            self._fail_rows(list(range(len(self._rows))), FinishReason.ERROR, 503, MESSAGE_ERROR)
             while self._waiting:
                 request = self._waiting.popleft()
                 self.sink.error(request, 503, MESSAGE_ERROR, FinishReason.ERROR)
@@ -211,16 +220,20 @@ class Engine:
     def _accept(self, request: GenerationRequest) -> None:
         if self._cancelled.pop(request.request_id, None) is not None:
             return
-        position = max(0, len(self._running) + len(self._waiting) + 1 - self.max_running)
+        if len(self._rows) + len(self._waiting) >= self.max_running + self.max_waiting:
+            logger.warning("request %s refused: %d running, %d waiting", request.request_id, len(self._rows), len(self._waiting))
+            self.sink.error(request, 503, MESSAGE_BUSY, FinishReason.ERROR)
+            return
+        position = max(0, len(self._rows) + len(self._waiting) + 1 - self.max_running)
         self._waiting.append(request)
         self.sink.queued(request, position)
 
     def _cancel_now(self, request_id: str) -> None:
-        for seq in self._running:
+        for index, seq in enumerate(self._rows):
             if seq.request.request_id == request_id:
-                self._running.remove(seq)
                 self._log_finish(seq, FinishReason.CANCELLED)
                 self.sink.discard(request_id)
+                self._drop_rows([index])
                 return
         for request in self._waiting:
             if request.request_id == request_id:
@@ -231,8 +244,19 @@ class Engine:
         while len(self._cancelled) > 10_000:
             self._cancelled.popitem(last=False)
 
+    def _expire(self) -> None:
+        now = time.time()
+        late = [
+            index
+            for index, seq in enumerate(self._rows)
+            if now > seq.request.created_at + seq.request.total_timeout_s
+            or (seq.first_token_at is None and now > seq.request.created_at + seq.request.ttft_timeout_s)
+        ]
+        if late:
+            self._fail_rows(late, FinishReason.DEADLINE, 504, MESSAGE_DEADLINE)
+
     def _admit(self) -> None:
-        while self._waiting and len(self._running) < self.max_running:
+        while self._waiting and len(self._rows) < self.max_running:
             request = self._waiting.popleft()
             now = time.time()
             if now > request.created_at + request.ttft_timeout_s:
@@ -244,59 +268,74 @@ class Engine:
                 logger.exception("prefill failed for request %s", request.request_id)
                 self.sink.error(request, 500, MESSAGE_ERROR, FinishReason.ERROR)
                 continue
-            self._running.append(seq)
+            self._rows.append(seq)
 
     def _prefill(self, request: GenerationRequest, now: float) -> _Sequence:
         tokenizer = self.loaded.tokenizer
         prompt = tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         matcher = self.grammars.matcher(request.schema)
-        seed = (
-            request.sampling.seed
-            if request.sampling.seed is not None
-            else int.from_bytes(request.request_id.encode()[:8], "little")
-        )
+        seed = request.sampling.seed
+        if seed is None:
+            seed = int.from_bytes(request.request_id.encode()[:8], "little")
         seq = _Sequence(
             request=request,
             prompt_ids=prompt_ids,
             matcher=matcher,
-            bitmask=xgr.allocate_token_bitmask(1, self.grammars.vocab_size),
             detokenizer=IncrementalDetokenizer(tokenizer),
             renderer=ProgressiveRenderer(),
             rng=torch.Generator().manual_seed(seed),
             admitted_at=now,
         )
-        input_ids = torch.tensor([prompt_ids], device=self.loaded.device)
-        out = self.loaded.model(input_ids=input_ids, use_cache=True)
-        seq.cache = out.past_key_values
-        seq.next_logits = out.logits[0, -1]
+        self._batch.prefill(prompt_ids)  # the new last row
         return seq
 
-    def _decode_round(self) -> None:
-        for seq in list(self._running):
-            now = time.time()
-            request = seq.request
-            if now > request.created_at + request.total_timeout_s or (
-                seq.first_token_at is None and now > request.created_at + request.ttft_timeout_s
-            ):
-                self._fail(seq, FinishReason.DEADLINE, 504, MESSAGE_DEADLINE)
-                continue
+    def _decode_step(self) -> None:
+        """Sample one token for every row (each with its own grammar and sampling), then one forward pass."""
+        logits = self._batch.logits
+        assert logits is not None
+        size = len(self._rows)
+        for index, seq in enumerate(self._rows):
+            seq.matcher.fill_next_token_bitmask(self._bitmask, index)
+        xgr.apply_token_bitmask_inplace(logits, self._bitmask[:size])
+        keep: list[int] = []
+        fed: list[int] = []
+        failed: list[int] = []
+        finished: list[int] = []
+        for index, seq in enumerate(self._rows):
             try:
-                self._step(seq)
+                token_id = self._sample(seq, logits[index])
+                outcome = self._advance(seq, token_id)
             except Exception:
-                logger.exception("decode failed for request %s", request.request_id)
-                self._fail(seq, FinishReason.ERROR, 500, MESSAGE_ERROR)
+                logger.exception("decode failed for request %s", seq.request.request_id)
+                failed.append(index)
+                continue
+            if outcome == "continue":
+                keep.append(index)
+                fed.append(token_id)
+            else:
+                finished.append(index)
+        for index in failed:
+            self._log_finish(self._rows[index], FinishReason.ERROR)
+            self.sink.error(self._rows[index].request, 500, MESSAGE_ERROR, FinishReason.ERROR)
+        self._rows = [self._rows[index] for index in keep]
+        self._batch.keep(keep)
+        if self._rows:
+            try:
+                self._batch.decode(fed)
+                self.steps += 1
+            except Exception:
+                logger.exception("decode step failed for %d requests", len(self._rows))
+                self._fail_rows(list(range(len(self._rows))), FinishReason.ERROR, 500, MESSAGE_ERROR)
 
-    def _step(self, seq: _Sequence) -> None:
+    def _sample(self, seq: _Sequence, row_logits: torch.Tensor) -> int:
         sampling = seq.request.sampling
-        seq.matcher.fill_next_token_bitmask(seq.bitmask)
         seen = None
         if sampling.repetition_penalty != 1.0:
             seen = torch.tensor(seq.prompt_ids + seq.generated, dtype=torch.long).unique()
-        assert seq.next_logits is not None
-        token_id = sample_token(
-            seq.next_logits.cpu(),
-            bitmask=seq.bitmask,
+        return sample_token(
+            row_logits.cpu(),
+            bitmask=None,  # applied to the whole batch already
             seen_ids=seen,
             temperature=sampling.temperature,
             top_k=sampling.top_k,
@@ -304,6 +343,9 @@ class Engine:
             repetition_penalty=sampling.repetition_penalty,
             rng=seq.rng,
         )
+
+    def _advance(self, seq: _Sequence, token_id: int) -> str:
+        """Accept one token: "continue", or "done" when the request ended (its events are sent)."""
         if not seq.matcher.accept_token(token_id):
             raise GenerationError(f"grammar rejected token {token_id}")
         seq.generated.append(token_id)
@@ -313,17 +355,12 @@ class Engine:
         if seq.matcher.is_completed() or seq.matcher.is_terminated():
             self._emit(seq, seq.detokenizer.flush())
             self._finish(seq)
-            return
-        if len(seq.generated) >= sampling.max_new_tokens:
-            self._fail(seq, FinishReason.LENGTH, 500, MESSAGE_LENGTH)
-            return
-        out = self.loaded.model(
-            input_ids=torch.tensor([[token_id]], device=self.loaded.device),
-            past_key_values=seq.cache,
-            use_cache=True,
-        )
-        seq.cache = out.past_key_values
-        seq.next_logits = out.logits[0, -1]
+            return "done"
+        if len(seq.generated) >= seq.request.sampling.max_new_tokens:
+            self._log_finish(seq, FinishReason.LENGTH)
+            self.sink.error(seq.request, 500, MESSAGE_LENGTH, FinishReason.LENGTH)
+            return "done"
+        return "continue"
 
     def _emit(self, seq: _Sequence, completion_delta: str) -> None:
         if not completion_delta:
@@ -335,7 +372,6 @@ class Engine:
 
     def _finish(self, seq: _Sequence) -> None:
         request = seq.request
-        self._running.remove(seq)
         try:
             answer = finalize_answer(
                 seq.completion, default_category=request.default_category, category_labels=request.category_labels
@@ -360,11 +396,18 @@ class Engine:
         self._log_finish(seq, FinishReason.STOP)
         self.sink.done(request, answer, usage=usage, timings=timings)
 
-    def _fail(self, seq: _Sequence, reason: FinishReason, status: int, message: str) -> None:
-        if seq in self._running:
-            self._running.remove(seq)
-        self._log_finish(seq, reason)
-        self.sink.error(seq.request, status, message, reason)
+    def _drop_rows(self, indices: list[int]) -> None:
+        gone = set(indices)
+        keep = [index for index in range(len(self._rows)) if index not in gone]
+        self._rows = [self._rows[index] for index in keep]
+        self._batch.keep(keep)
+
+    def _fail_rows(self, indices: list[int], reason: FinishReason, status: int, message: str) -> None:
+        for index in indices:
+            seq = self._rows[index]
+            self._log_finish(seq, reason)
+            self.sink.error(seq.request, status, message, reason)
+        self._drop_rows(indices)
 
     def _log_finish(self, seq: _Sequence, reason: FinishReason) -> None:
         logger.info(

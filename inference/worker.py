@@ -41,6 +41,7 @@ class WorkerSettings:
     redis_url: str
     channel_layer: dict[str, Any]
     max_running: int = 8
+    max_waiting: int = 64
     flush_interval_s: float = 0.04
     heartbeat_interval_s: float = 2.0
     heartbeat_ttl_s: float = 10.0
@@ -74,7 +75,9 @@ class WorkerRuntime:
         self.publisher = ChannelLayerPublisher(
             layer, self._loop, flush_interval_s=self.settings.flush_interval_s, worker=self.name
         )
-        self.engine = Engine(self.loaded, self.publisher, max_running=self.settings.max_running)
+        self.engine = Engine(
+            self.loaded, self.publisher, max_running=self.settings.max_running, max_waiting=self.settings.max_waiting
+        )
         self.engine.start()
         ready = self._loop.submit(self._join_control_group(layer))
         ready.result(timeout=30)

@@ -114,7 +114,8 @@ LEAFRESH_DTYPE = env.str("LEAFRESH_DTYPE", default="auto")  # auto | float32 | b
 LEAFRESH_DEVICE = env.str("LEAFRESH_DEVICE", default="auto")  # auto | cpu | cuda[:n]
 HF_TOKEN = env.str("HF_TOKEN", default="") or None
 HF_CACHE_DIR = DATA_DIR / "hf"
-LEAFRESH_MAX_RUNNING = env.int("LEAFRESH_MAX_RUNNING", default=8)
+LEAFRESH_MAX_RUNNING = env.int("LEAFRESH_MAX_RUNNING", default=8)  # requests decoded together
+LEAFRESH_MAX_WAITING = env.int("LEAFRESH_MAX_WAITING", default=64)  # more are refused with 503
 LEAFRESH_FLUSH_INTERVAL_S = env.float("LEAFRESH_FLUSH_INTERVAL_S", default=0.04)
 LEAFRESH_HEARTBEAT_TTL_S = env.float("LEAFRESH_HEARTBEAT_TTL_S", default=10.0)
 
