@@ -46,6 +46,7 @@ def worker_settings() -> WorkerSettings:
         # Refresh well inside the TTL, so one late beat never looks like a dead worker.
         heartbeat_interval_s=min(2.0, settings.LEAFRESH_HEARTBEAT_TTL_S / 3),
         heartbeat_prefix=settings.LEAFRESH_HEARTBEAT_PREFIX,
+        metrics_prefix=settings.LEAFRESH_METRICS_PREFIX,
     )
 
 

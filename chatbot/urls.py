@@ -1,10 +1,11 @@
 from django.urls import path
 
-from chatbot import views
+from chatbot import metrics, views
 
 urlpatterns = [
     path("", views.index, name="index"),
     path("healthz", views.healthz, name="healthz"),
+    path("metrics", metrics.metrics, name="metrics"),
     path("ai/chatbot/recommendation/base-info", views.base_info, name="base-info"),
     path("ai/chatbot/recommendation/free-text", views.free_text, name="free-text"),
 ]

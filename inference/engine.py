@@ -30,6 +30,7 @@ from inference.answer import answer_schema, finalize_answer
 from inference.batch import KVBatch
 from inference.detokenize import IncrementalDetokenizer
 from inference.loading import LoadedModel
+from inference.metrics import EngineMetrics
 from inference.render import ProgressiveRenderer
 from inference.structured import GrammarFactory
 from inference.types import FinishReason, GenerationRequest
@@ -85,6 +86,7 @@ class _Sequence:
     generated: list[int] = field(default_factory=list)
     completion: str = ""
     first_token_at: float | None = None
+    last_token_at: float = 0.0
 
 
 def sample_token(
@@ -138,9 +140,18 @@ class Engine:
     refused at once with `error` 503.
     """
 
-    def __init__(self, loaded: LoadedModel, sink: EventSink, *, max_running: int = 8, max_waiting: int = 64) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        sink: EventSink,
+        *,
+        max_running: int = 8,
+        max_waiting: int = 64,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
         self.loaded = loaded
         self.sink = sink
+        self.metrics = metrics or EngineMetrics(worker="local")
         self.max_running = max_running
         self.max_waiting = max_waiting
         tokenizer = loaded.tokenizer
@@ -193,12 +204,15 @@ class Engine:
                     self._admit()
                     if self._rows:
                         self._decode_step()
+                    self.metrics.running.set(len(self._rows))
+                    self.metrics.waiting.set(len(self._waiting))
                 except Exception:  # the loop must survive anything one request does
                     logger.exception("engine loop failure")
                     self._fail_rows(list(range(len(self._rows))), FinishReason.ERROR, 500, MESSAGE_ERROR)
             self._fail_rows(list(range(len(self._rows))), FinishReason.ERROR, 503, MESSAGE_ERROR)
             while self._waiting:
                 request = self._waiting.popleft()
+                self.metrics.finished(FinishReason.ERROR, time.time() - request.created_at)
                 self.sink.error(request, 503, MESSAGE_ERROR, FinishReason.ERROR)
 
     def _drain_inbox(self, *, block: bool) -> None:
@@ -222,6 +236,7 @@ class Engine:
             return
         if len(self._rows) + len(self._waiting) >= self.max_running + self.max_waiting:
             logger.warning("request %s refused: %d running, %d waiting", request.request_id, len(self._rows), len(self._waiting))
+            self.metrics.finished(FinishReason.ERROR, time.time() - request.created_at)
             self.sink.error(request, 503, MESSAGE_BUSY, FinishReason.ERROR)
             return
         position = max(0, len(self._rows) + len(self._waiting) + 1 - self.max_running)
@@ -238,6 +253,7 @@ class Engine:
         for request in self._waiting:
             if request.request_id == request_id:
                 self._waiting.remove(request)
+                self.metrics.finished(FinishReason.CANCELLED, time.time() - request.created_at)
                 self.sink.discard(request_id)
                 return
         self._cancelled[request_id] = time.time()
@@ -260,12 +276,14 @@ class Engine:
             request = self._waiting.popleft()
             now = time.time()
             if now > request.created_at + request.ttft_timeout_s:
+                self.metrics.finished(FinishReason.DEADLINE, now - request.created_at)
                 self.sink.error(request, 504, MESSAGE_DEADLINE, FinishReason.DEADLINE)
                 continue
             try:
                 seq = self._prefill(request, now)
             except Exception:
                 logger.exception("prefill failed for request %s", request.request_id)
+                self.metrics.finished(FinishReason.ERROR, time.time() - request.created_at)
                 self.sink.error(request, 500, MESSAGE_ERROR, FinishReason.ERROR)
                 continue
             self._rows.append(seq)
@@ -349,8 +367,14 @@ class Engine:
         if not seq.matcher.accept_token(token_id):
             raise GenerationError(f"grammar rejected token {token_id}")
         seq.generated.append(token_id)
+        now = time.time()
         if seq.first_token_at is None:
-            seq.first_token_at = time.time()
+            seq.first_token_at = now
+            self.metrics.ttft.observe(now - seq.request.created_at)
+        else:
+            self.metrics.itl.observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        self.metrics.tokens.inc()
         self._emit(seq, seq.detokenizer.push(token_id))
         if seq.matcher.is_completed() or seq.matcher.is_terminated():
             self._emit(seq, seq.detokenizer.flush())
@@ -410,6 +434,7 @@ class Engine:
         self._drop_rows(indices)
 
     def _log_finish(self, seq: _Sequence, reason: FinishReason) -> None:
+        self.metrics.finished(reason, time.time() - seq.request.created_at)
         logger.info(
             "request %s finished: %s after %d completion tokens",
             seq.request.request_id,

@@ -21,6 +21,7 @@ from typing import Any
 
 from inference.engine import Engine
 from inference.loading import LoadedModel, ModelSettings, load_model
+from inference.metrics import EngineMetrics
 from inference.publisher import ChannelLayerPublisher, LoopThread
 from inference.types import CONTROL_GROUP
 
@@ -33,6 +34,7 @@ class WorkerSettings:
 
     channel_layer: the channels-redis layer config (`{"hosts": [...], "capacity": ..., ...}`).
     heartbeat_prefix: the heartbeat key's prefix (LEAFRESH_HEARTBEAT_PREFIX).
+    metrics_prefix: the prefix of the key holding the worker's metrics exposition (same TTL).
     heartbeat_ttl_s: how long a heartbeat stays valid; listeners treat a worker whose key has
     expired as dead.
     """
@@ -46,6 +48,7 @@ class WorkerSettings:
     heartbeat_interval_s: float = 2.0
     heartbeat_ttl_s: float = 10.0
     heartbeat_prefix: str = "leafresh:worker:"
+    metrics_prefix: str = "leafresh:metrics:"
     name: str = ""
 
 
@@ -75,8 +78,13 @@ class WorkerRuntime:
         self.publisher = ChannelLayerPublisher(
             layer, self._loop, flush_interval_s=self.settings.flush_interval_s, worker=self.name
         )
+        self.metrics = EngineMetrics(worker=self.name)
         self.engine = Engine(
-            self.loaded, self.publisher, max_running=self.settings.max_running, max_waiting=self.settings.max_waiting
+            self.loaded,
+            self.publisher,
+            max_running=self.settings.max_running,
+            max_waiting=self.settings.max_waiting,
+            metrics=self.metrics,
         )
         self.engine.start()
         ready = self._loop.submit(self._join_control_group(layer))
@@ -113,13 +121,16 @@ class WorkerRuntime:
         payload = {"name": self.name, "model": self.loaded.name, "running": running, "waiting": waiting, "at": time.time()}
         key = self.settings.heartbeat_prefix + self.name
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
-        await self._redis.set(key, json.dumps(payload, ensure_ascii=False), px=ttl_ms)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(key, json.dumps(payload, ensure_ascii=False), px=ttl_ms)
+            pipe.set(self.settings.metrics_prefix + self.name, self.metrics.exposition(), px=ttl_ms)
+            await pipe.execute()
 
     async def _shutdown(self) -> None:
         if self._control_task is not None:
             self._control_task.cancel()
             await asyncio.gather(self._control_task, return_exceptions=True)
-        await self._redis.delete(self.settings.heartbeat_prefix + self.name)
+        await self._redis.delete(self.settings.heartbeat_prefix + self.name, self.settings.metrics_prefix + self.name)
         await self._redis.aclose()
 
     async def _control_forever(self, layer: Any) -> None:

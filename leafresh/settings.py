@@ -81,6 +81,7 @@ REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
 # deployments or test runs can share one Redis server without taking each other's tasks.
 LEAFRESH_REDIS_PREFIX = env.str("LEAFRESH_REDIS_PREFIX", default="leafresh")
 LEAFRESH_HEARTBEAT_PREFIX = f"{LEAFRESH_REDIS_PREFIX}:worker:"
+LEAFRESH_METRICS_PREFIX = f"{LEAFRESH_REDIS_PREFIX}:metrics:"
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",

@@ -244,3 +244,37 @@ def test_sse_parser_rejects_malformed_streams() -> None:
         parse_sse(b"event: challenge\ndata: {}\n\n")
     with pytest.raises(AssertionError):
         parse_sse(b'id: 1\nevent: close\ndata: {"status":200,"message":"m","data":null}\n')
+
+
+def test_metrics_include_the_workers_engine_figures(client: httpx.Client) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stream = get_sse(client, FREE_TEXT, {"sessionId": "metrics", "message": "텀블러를 쓰고 싶어요"})
+    assert stream.terminal.event == "close"
+
+    def samples() -> dict[str, float]:
+        response = client.get("/metrics")
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        found: dict[str, float] = {}
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                if "worker" in sample.labels:
+                    key = sample.name + "".join(
+                        f",{k}={v}" for k, v in sorted(sample.labels.items()) if k not in ("worker", "le")
+                    )
+                    found[key] = found.get(key, 0.0) + sample.value
+        return found
+
+    deadline = time.monotonic() + 10
+    found = samples()
+    while found.get("leafresh_request_finished_total,reason=stop", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.5)  # the worker publishes its figures with each heartbeat
+        found = samples()
+    assert found["leafresh_request_finished_total,reason=stop"] >= 1
+    for reason in ("length", "cancelled", "error", "deadline"):
+        assert f"leafresh_request_finished_total,reason={reason}" in found
+    assert found["leafresh_time_to_first_token_seconds_count"] >= 1
+    assert found["leafresh_inter_token_latency_seconds_count"] >= 10
+    assert found["leafresh_e2e_request_latency_seconds_count"] >= 1
+    assert found["leafresh_generation_tokens_total"] >= found["leafresh_inter_token_latency_seconds_count"]
+    assert "leafresh_requests_running" in found and "leafresh_requests_waiting" in found
