@@ -32,6 +32,7 @@ from inference.detokenize import IncrementalDetokenizer
 from inference.loading import LoadedModel
 from inference.metrics import EngineMetrics
 from inference.render import ProgressiveRenderer
+from inference.sampling import GenerationError, RowSampling, guard_and_penalize, sample_batch
 from inference.structured import GrammarFactory
 from inference.types import FinishReason, GenerationRequest
 
@@ -68,10 +69,6 @@ class EventSink(Protocol):
     def discard(self, request_id: str) -> None: ...
 
 
-class GenerationError(RuntimeError):
-    """Generation cannot continue for one request (e.g. every logit is NaN or masked)."""
-
-
 @dataclass
 class _Sequence:
     """A running request's state outside the KV batch (its row there has the same index in `_rows`)."""
@@ -87,48 +84,6 @@ class _Sequence:
     completion: str = ""
     first_token_at: float | None = None
     last_token_at: float = 0.0
-
-
-def sample_token(
-    logits: torch.Tensor,
-    *,
-    bitmask: torch.Tensor | None,
-    seen_ids: torch.Tensor | None,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    repetition_penalty: float,
-    rng: torch.Generator | None,
-) -> int:
-    """Pick the next token id from one row of logits (shape `(vocab,)`, any float dtype).
-
-    Order as in transformers' generate: NaN/inf guard, repetition penalty (CTRL rule over
-    `seen_ids`), grammar mask (xgrammar bitmask, shape `(1, ceil(vocab/32))`), temperature,
-    top-k, top-p (Holtzman et al. 2019, arXiv:1904.09751), then argmax (temperature 0) or a draw.
-    Raises GenerationError when no token is left to choose.
-    """
-    scores = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max).unsqueeze(0)
-    if repetition_penalty != 1.0 and seen_ids is not None and seen_ids.numel():
-        picked = scores.gather(1, seen_ids.unsqueeze(0))
-        picked = torch.where(picked < 0, picked * repetition_penalty, picked / repetition_penalty)
-        scores.scatter_(1, seen_ids.unsqueeze(0), picked)
-    if bitmask is not None:
-        xgr.apply_token_bitmask_inplace(scores, bitmask)
-    if not torch.isfinite(scores).any():
-        raise GenerationError("no token is allowed (all logits masked or not finite)")
-    if temperature <= 0:
-        return int(scores.argmax(dim=-1).item())
-    scores = scores / temperature
-    if 0 < top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k, dim=-1).values[..., -1, None]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if 0 < top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative - sorted_scores.softmax(dim=-1) > top_p  # keep the token that crosses top_p
-        scores = scores.scatter(1, order, sorted_scores.masked_fill(remove, float("-inf")))
-    probs = scores.softmax(dim=-1)
-    return int(torch.multinomial(probs, 1, generator=rng).item())
 
 
 class Engine:
@@ -310,19 +265,21 @@ class Engine:
 
     def _decode_step(self) -> None:
         """Sample one token for every row (each with its own grammar and sampling), then one forward pass."""
-        logits = self._batch.logits
-        assert logits is not None
+        assert self._batch.logits is not None
         size = len(self._rows)
+        rows = [self._row_sampling(seq) for seq in self._rows]
+        scores = guard_and_penalize(self._batch.logits, rows)
         for index, seq in enumerate(self._rows):
             seq.matcher.fill_next_token_bitmask(self._bitmask, index)
-        xgr.apply_token_bitmask_inplace(logits, self._bitmask[:size])
+        xgr.apply_token_bitmask_inplace(scores, self._bitmask[:size])
+        tokens = sample_batch(scores, rows)
         keep: list[int] = []
         fed: list[int] = []
         failed: list[int] = []
-        finished: list[int] = []
-        for index, seq in enumerate(self._rows):
+        for index, (seq, token_id) in enumerate(zip(self._rows, tokens, strict=True)):
             try:
-                token_id = self._sample(seq, logits[index])
+                if token_id is None:
+                    raise GenerationError("no token is allowed (all logits masked or not finite)")
                 outcome = self._advance(seq, token_id)
             except Exception:
                 logger.exception("decode failed for request %s", seq.request.request_id)
@@ -331,8 +288,6 @@ class Engine:
             if outcome == "continue":
                 keep.append(index)
                 fed.append(token_id)
-            else:
-                finished.append(index)
         for index in failed:
             self._log_finish(self._rows[index], FinishReason.ERROR)
             self.sink.error(self._rows[index].request, 500, MESSAGE_ERROR, FinishReason.ERROR)
@@ -346,19 +301,18 @@ class Engine:
                 logger.exception("decode step failed for %d requests", len(self._rows))
                 self._fail_rows(list(range(len(self._rows))), FinishReason.ERROR, 500, MESSAGE_ERROR)
 
-    def _sample(self, seq: _Sequence, row_logits: torch.Tensor) -> int:
+    @staticmethod
+    def _row_sampling(seq: _Sequence) -> RowSampling:
         sampling = seq.request.sampling
         seen = None
         if sampling.repetition_penalty != 1.0:
             seen = torch.tensor(seq.prompt_ids + seq.generated, dtype=torch.long).unique()
-        return sample_token(
-            row_logits.cpu(),
-            bitmask=None,  # applied to the whole batch already
-            seen_ids=seen,
+        return RowSampling(
             temperature=sampling.temperature,
             top_k=sampling.top_k,
             top_p=sampling.top_p,
             repetition_penalty=sampling.repetition_penalty,
+            seen_ids=seen,
             rng=seq.rng,
         )
 

@@ -13,8 +13,9 @@ import xgrammar as xgr
 from chatbot import seed
 from chatbot.prompts import build_messages
 from inference.answer import answer_schema
-from inference.engine import Engine, GenerationError, sample_token
+from inference.engine import Engine
 from inference.render import render_answer
+from inference.sampling import GenerationError, sample_token
 from inference.types import FinishReason, GenerationRequest, SamplingParams
 from tests.helpers import assert_deltas_render_answer, assert_valid_answer
 
