@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: run test setup venv redis migrate model lint clean
+.PHONY: run test bench setup venv redis migrate model lint clean
 
 # Reinstall only when requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -39,6 +39,14 @@ run: setup
 
 test: setup lint
 	$(VENV)/bin/pytest
+
+$(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	touch $@
+
+# Throughput and latency of the engine and the whole stack; writes bench/results/latest.{json,png}.
+bench: setup $(VENV)/.bench-installed
+	$(PY) bench/run.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

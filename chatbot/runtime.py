@@ -54,6 +54,10 @@ def runtime_start() -> WorkerRuntime:
     """Start the process's runtime once (idempotent)."""
     global _runtime
     if _runtime is None:
+        if settings.LEAFRESH_TORCH_THREADS > 0:
+            import torch
+
+            torch.set_num_threads(settings.LEAFRESH_TORCH_THREADS)
         runtime = WorkerRuntime(worker_settings())
         runtime.start()
         _runtime = runtime

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 MESSAGE_LENGTH = "답변이 너무 길어져 완성하지 못했습니다. 다시 시도해 주세요."
 MESSAGE_DEADLINE = "응답 시간이 초과되었습니다. 잠시 후 다시 시도해 주세요."
 MESSAGE_ERROR = "추천을 생성하는 중 오류가 발생했습니다. 잠시 후 다시 시도해 주세요."
+RENDER_INTERVAL_S = 0.02  # how often a request's growing JSON is re-rendered (half the publisher's flush)
 MESSAGE_BUSY = "지금은 요청이 많아 처리할 수 없습니다. 잠시 후 다시 시도해 주세요."
 
 
@@ -82,6 +83,8 @@ class _Sequence:
     admitted_at: float
     generated: list[int] = field(default_factory=list)
     completion: str = ""
+    unrendered: str = ""  # completion text not yet fed to the renderer
+    rendered_at: float = 0.0
     first_token_at: float | None = None
     last_token_at: float = 0.0
 
@@ -331,7 +334,7 @@ class Engine:
         self.metrics.tokens.inc()
         self._emit(seq, seq.detokenizer.push(token_id))
         if seq.matcher.is_completed() or seq.matcher.is_terminated():
-            self._emit(seq, seq.detokenizer.flush())
+            self._emit(seq, seq.detokenizer.flush(), force=True)
             self._finish(seq)
             return "done"
         if len(seq.generated) >= seq.request.sampling.max_new_tokens:
@@ -340,11 +343,19 @@ class Engine:
             return "done"
         return "continue"
 
-    def _emit(self, seq: _Sequence, completion_delta: str) -> None:
-        if not completion_delta:
-            return
+    def _emit(self, seq: _Sequence, completion_delta: str, *, force: bool = False) -> None:
+        """Add completion text; render it (a partial-JSON parse) at most every RENDER_INTERVAL_S.
+
+        The publisher coalesces deltas over a longer interval anyway, so a client sees no difference.
+        """
         seq.completion += completion_delta
-        text = seq.renderer.feed(completion_delta)
+        seq.unrendered += completion_delta
+        now = time.monotonic()
+        if not seq.unrendered or (not force and now - seq.rendered_at < RENDER_INTERVAL_S):
+            return
+        text = seq.renderer.feed(seq.unrendered)
+        seq.unrendered = ""
+        seq.rendered_at = now
         if text:
             self.sink.token(seq.request, text)
 

@@ -56,8 +56,13 @@ def sample_batch(scores: torch.Tensor, rows: list[RowSampling]) -> list[int | No
     top_k = torch.tensor([r.top_k if 0 < r.top_k < vocab else vocab for r in rows])
     top_p = torch.tensor([r.top_p if 0 < r.top_p < 1.0 else 1.0 for r in rows], dtype=torch.float32)
     scaled = scores / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-    ordered, order = torch.sort(scaled, dim=1, descending=True)
-    ranks = torch.arange(vocab)[None, :]
+    # Only the top max(top_k) candidates can be drawn: a partial sort is enough unless a row has top-k off.
+    width = int(top_k.max())
+    if width < vocab:
+        ordered, order = torch.topk(scaled, width, dim=1, sorted=True)
+    else:
+        ordered, order = torch.sort(scaled, dim=1, descending=True)
+    ranks = torch.arange(width)[None, :]
     removed = ranks >= top_k[:, None]
     probs = ordered.masked_fill(removed, float("-inf")).softmax(dim=1)
     # Keep the smallest prefix whose mass reaches top_p (the token that crosses it stays).
@@ -65,7 +70,7 @@ def sample_batch(scores: torch.Tensor, rows: list[RowSampling]) -> list[int | No
     probs = ordered.masked_fill(removed, float("-inf")).softmax(dim=1)
     cumulative = probs.cumsum(dim=1)
     uniforms = torch.stack([torch.rand((), generator=r.rng) for r in rows]) * cumulative[:, -1]
-    picks = torch.searchsorted(cumulative, uniforms[:, None]).clamp(max=vocab - 1)
+    picks = torch.searchsorted(cumulative, uniforms[:, None]).clamp(max=width - 1)
     sampled = order.gather(1, picks).squeeze(1)
     chosen = torch.where(greedy, best, sampled).tolist()
     return [token if ok else None for token, ok in zip(chosen, allowed.tolist(), strict=True)]

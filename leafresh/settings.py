@@ -113,6 +113,9 @@ LEAFRESH_DEMO_MODEL_DIR = DATA_DIR / "models" / "leafresh-demo-tiny-mistral"
 LEAFRESH_QUANTIZATION = env.str("LEAFRESH_QUANTIZATION", default="none")  # none | 4bit | 8bit
 LEAFRESH_DTYPE = env.str("LEAFRESH_DTYPE", default="auto")  # auto | float32 | bfloat16 | float16
 LEAFRESH_DEVICE = env.str("LEAFRESH_DEVICE", default="auto")  # auto | cpu | cuda[:n]
+# CPU threads for torch in the GPU worker (0 = torch's default: one per core). On a small CPU machine
+# one thread leaves the other cores to daphne and Redis, and is as fast for small models.
+LEAFRESH_TORCH_THREADS = env.int("LEAFRESH_TORCH_THREADS", default=1)
 HF_TOKEN = env.str("HF_TOKEN", default="") or None
 HF_CACHE_DIR = DATA_DIR / "hf"
 LEAFRESH_MAX_RUNNING = env.int("LEAFRESH_MAX_RUNNING", default=8)  # requests decoded together

@@ -77,6 +77,29 @@ def test_closing_the_socket_mid_answer_cancels_the_generation(slow_stack) -> Non
     assert _wait_for(lambda: _cancelled_in_engine(slow_stack, request_id), 10), "the engine did not cancel the request"
 
 
+def test_past_the_bounds_a_request_gets_503_at_once_and_a_waiting_socket_sees_its_position(slow_stack) -> None:
+    # The slow stack runs 2 requests and lets 1 wait: fill the batch with two sockets, then a third waits.
+    sockets = [connect(f"{slow_stack.ws_url}/ws/chat/fill-{i}/", origin=slow_stack.origin, open_timeout=10) for i in range(3)]
+    try:
+        positions = []
+        for socket in sockets:
+            socket.send(json.dumps({"type": "chat.message", "message": "쓰레기를 줄이고 싶어요"}))
+            frame = json.loads(socket.recv(timeout=30))
+            assert frame["type"] == "chat.queued"
+            positions.append(frame["position"])
+        assert positions == [0, 0, 1]
+        with httpx.Client(base_url=slow_stack.base_url, timeout=30) as client:
+            started = time.monotonic()
+            response = client.get(FREE_TEXT, params={"sessionId": "one-too-many", "message": "쓰레기를 줄이고 싶어요"})
+            events = [b for b in parse_sse(response.content) if b is not None]
+            assert [e.event for e in events] == ["error"] and events[0].data["status"] == 503
+            assert events[0].data["message"]
+            assert time.monotonic() - started < 3, "a refused request must not wait"
+    finally:
+        for socket in sockets:
+            socket.close()
+
+
 def test_worker_killed_mid_answer_ends_the_stream_with_503_then_new_requests_fail_fast(slow_stack) -> None:
     with httpx.Client(base_url=slow_stack.base_url, timeout=60) as client:
         with client.stream("GET", FREE_TEXT, params={"sessionId": "victim", "message": "자전거를 타고 싶어요"}) as response:

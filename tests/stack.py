@@ -1,0 +1,144 @@
+"""Starting the whole stack as real processes (Redis, a solo-pool Celery GPU worker, daphne) the way
+the Procfile does, for the end-to-end tests and the benchmark. Each stack is isolated by its own
+Redis key prefix, SQLite file and port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    """A running stack; `worker` may be replaced by a test that restarts it."""
+
+    base_url: str
+    ws_url: str
+    origin: str
+    env: dict[str, str]
+    redis: redis.Redis
+    worker: subprocess.Popen[bytes]
+    web: subprocess.Popen[bytes]
+    log_dir: Path
+    prefix: str
+
+    def worker_alive(self) -> bool:
+        return any(True for _ in self.redis.scan_iter(match=f"{self.prefix}:worker:*"))
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    handle = log.open("wb")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def _wait(predicate, timeout: float, what: str, procs: list[subprocess.Popen[bytes]], log_dir: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        for proc in procs:
+            if proc.poll() is not None:
+                logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in log_dir.glob("*.log"))
+                raise RuntimeError(f"a stack process exited while waiting for {what}:\n{logs}")
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@contextmanager
+def launch_stack(tag: str, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """Start Redis (if needed), migrate a fresh SQLite file, then the worker and daphne; stop them after.
+
+    Every Redis key of the stack is under its own LEAFRESH_REDIS_PREFIX, so concurrent test runs and a
+    running `make run` on the same Redis never see each other's tasks or events.
+    """
+    log_dir = ROOT / "var" / "test" / f"{tag}-{os.getpid()}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    prefix = f"leafresh-test-{tag}-{os.getpid()}"
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": f"sqlite:///{log_dir / 'db.sqlite3'}",
+        "LEAFRESH_REDIS_PREFIX": prefix,
+        "LEAFRESH_MODEL": "",
+        "LEAFRESH_DEVICE": "cpu",
+        # Pings every 10 ms in tests, so the 40 ms gaps between coalesced token events always carry some.
+        "LEAFRESH_PING_INTERVAL_S": "0.01",
+        "LEAFRESH_HEARTBEAT_TTL_S": "3",
+        "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
+    }
+    subprocess.run([str(BIN / "python"), "manage.py", "ensure_redis"], cwd=ROOT, env=env, check=True)
+    client = redis.Redis.from_url(redis_url)
+    subprocess.run([str(BIN / "python"), "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
+    worker = _start(
+        [
+            str(BIN / "celery"),
+            "-A",
+            "celery_app",
+            "worker",
+            "-P",
+            "solo",
+            "-Q",
+            "gpu",
+            "--loglevel",
+            "INFO",
+            "-n",
+            f"{tag}-{os.getpid()}@%h",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        env,
+        log_dir / "worker.log",
+    )
+    web = _start([str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "leafresh.asgi:application"], env, log_dir / "web.log")
+    base_url = f"http://127.0.0.1:{port}"
+
+    def web_up() -> bool:
+        try:
+            return httpx.get(base_url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    stack = Stack(base_url, f"ws://127.0.0.1:{port}", base_url, env, client, worker, web, log_dir, prefix)
+    try:
+        _wait(web_up, 60, "daphne /healthz", [worker, web], log_dir)
+        _wait(stack.worker_alive, 120, "the GPU worker's heartbeat", [worker, web], log_dir)
+        yield stack
+    finally:
+        _stop(web)
+        _stop(stack.worker)
+        for key in client.scan_iter(match=f"{prefix}:*"):
+            client.delete(key)
