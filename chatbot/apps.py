@@ -5,3 +5,16 @@ class ChatbotConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "chatbot"
     verbose_name = "Leafresh 챗봇"
+
+    def ready(self) -> None:
+        from django.db.models.signals import post_delete, post_save
+
+        from chatbot.models import Category, GenerationSettings, PromptTemplate
+        from chatbot.selectors import config_cache_clear
+
+        def clear(**kwargs: object) -> None:
+            config_cache_clear()
+
+        for model in (Category, PromptTemplate, GenerationSettings):
+            post_save.connect(clear, sender=model, weak=False, dispatch_uid=f"config-cache-{model.__name__}-save")
+            post_delete.connect(clear, sender=model, weak=False, dispatch_uid=f"config-cache-{model.__name__}-delete")

@@ -42,6 +42,7 @@ def worker_settings() -> WorkerSettings:
         max_running=settings.LEAFRESH_MAX_RUNNING,
         max_waiting=settings.LEAFRESH_MAX_WAITING,
         flush_interval_s=settings.LEAFRESH_FLUSH_INTERVAL_S,
+        max_events_per_s=settings.LEAFRESH_MAX_EVENTS_PER_S,
         heartbeat_ttl_s=settings.LEAFRESH_HEARTBEAT_TTL_S,
         # Refresh well inside the TTL, so one late beat never looks like a dead worker.
         heartbeat_interval_s=min(2.0, settings.LEAFRESH_HEARTBEAT_TTL_S / 3),

@@ -103,6 +103,8 @@ async def recommendation_cancel(*, request_id: str) -> None:
 
 
 _redis: dict[int, Any] = {}
+ANY_ALIVE_CACHE_S = 1.0  # a positive "some worker is alive" answer is reused this long
+_any_alive_seen_at = -ANY_ALIVE_CACHE_S
 
 
 async def worker_alive(*, name: str | None = None) -> bool:
@@ -116,6 +118,15 @@ async def worker_alive(*, name: str | None = None) -> bool:
     prefix = settings.LEAFRESH_HEARTBEAT_PREFIX
     if name:
         return bool(await client.exists(prefix + name))
+    now = time.monotonic()
+    if now - _any_alive_seen_at < ANY_ALIVE_CACHE_S:
+        return True  # a heartbeat was seen a moment ago: spare Redis a key scan per request
     async for _ in client.scan_iter(match=prefix + "*", count=100):
+        _remember_alive(now)
         return True
     return False
+
+
+def _remember_alive(now: float) -> None:
+    global _any_alive_seen_at
+    _any_alive_seen_at = now

@@ -300,6 +300,7 @@ class Engine:
             try:
                 self._batch.decode(fed)
                 self.steps += 1
+                self.metrics.steps.inc()
             except Exception:
                 logger.exception("decode step failed for %d requests", len(self._rows))
                 self._fail_rows(list(range(len(self._rows))), FinishReason.ERROR, 500, MESSAGE_ERROR)

@@ -55,6 +55,12 @@ class EngineMetrics:
         self.tokens = Counter(
             "leafresh_generation_tokens", "Generated (completion) tokens.", labels, registry=self.registry
         ).labels(worker)
+        self.steps = Counter(
+            "leafresh_decode_steps",
+            "Decode steps (one forward pass for the whole running batch each); tokens / steps = mean batch size.",
+            labels,
+            registry=self.registry,
+        ).labels(worker)
         self._finished = Counter(
             "leafresh_request_finished",
             "Requests that ended, by finish reason.",

@@ -1,7 +1,8 @@
 """The publisher: sends a request's events from the engine to its channel-layer group.
 
 channels-redis `group_send` silently drops a message sent to a full channel, so tokens are
-coalesced (one `chat.token` per request every `flush_interval_s`, 40 ms by default), every event
+coalesced (one `chat.token` per request every `flush_interval_s`, 40 ms by default, stretched when
+many streams are open so that they send at most `max_events_per_s` together), every event
 is numbered (`seq`, from 1), and the terminal event carries the full answer. After a terminal
 event or a `discard`, nothing more is sent for that request.
 
@@ -72,6 +73,7 @@ class _Stream:
     group: str
     seq: int = 0
     pending: str = ""
+    tokens_sent: int = 0
     flush_handle: asyncio.TimerHandle | None = None
 
 
@@ -83,8 +85,17 @@ class ChannelLayerPublisher:
     worker's heartbeat. Thread-safe: every public method may be called from the engine thread.
     """
 
-    def __init__(self, layer: Any, loop_thread: LoopThread, *, flush_interval_s: float = 0.04, worker: str = "") -> None:
+    def __init__(
+        self,
+        layer: Any,
+        loop_thread: LoopThread,
+        *,
+        flush_interval_s: float = 0.04,
+        max_events_per_s: float = 400.0,
+        worker: str = "",
+    ) -> None:
         self.layer = layer
+        self.max_events_per_s = max_events_per_s
         self.worker = worker
         self.loop_thread = loop_thread
         self.flush_interval_s = flush_interval_s
@@ -131,6 +142,12 @@ class ChannelLayerPublisher:
 
         self.loop_thread.submit(_wait()).result(timeout)
 
+    @property
+    def flush_interval(self) -> float:
+        """Seconds a stream's tokens are held: `flush_interval_s`, stretched so that all open streams
+        together send at most `max_events_per_s` token events (each costs Redis and web CPU)."""
+        return max(self.flush_interval_s, len(self._streams) / self.max_events_per_s)
+
     # --- the loop ---
     def _stream(self, request_id: str, group: str) -> _Stream | None:
         """The request's open stream, created on first use; None once it has ended (terminal or discard)."""
@@ -172,8 +189,10 @@ class ChannelLayerPublisher:
         if stream is None:
             return
         stream.pending += text
-        if stream.flush_handle is None:
-            stream.flush_handle = self.loop_thread.loop.call_later(self.flush_interval_s, self._flush, request_id)
+        if not stream.tokens_sent:
+            self._flush_stream(stream)  # the first text goes out at once: time to first token is what people feel
+        elif stream.flush_handle is None:
+            stream.flush_handle = self.loop_thread.loop.call_later(self.flush_interval, self._flush, request_id)
 
     def _flush(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
@@ -187,6 +206,7 @@ class ChannelLayerPublisher:
         if stream.pending:
             event: TokenEvent = {"type": "chat.token", "request_id": stream.request_id, "seq": 0, "text": stream.pending}
             stream.pending = ""
+            stream.tokens_sent += 1
             self._enqueue(stream, dict(event))
 
     def _terminal(self, request_id: str, group: str, event: dict[str, Any]) -> None:

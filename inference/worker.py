@@ -45,6 +45,7 @@ class WorkerSettings:
     max_running: int = 8
     max_waiting: int = 64
     flush_interval_s: float = 0.04
+    max_events_per_s: float = 400.0
     heartbeat_interval_s: float = 2.0
     heartbeat_ttl_s: float = 10.0
     heartbeat_prefix: str = "leafresh:worker:"
@@ -76,7 +77,11 @@ class WorkerRuntime:
         self.loaded = load_model(self.settings.model)
         layer = RedisChannelLayer(**self.settings.channel_layer)
         self.publisher = ChannelLayerPublisher(
-            layer, self._loop, flush_interval_s=self.settings.flush_interval_s, worker=self.name
+            layer,
+            self._loop,
+            flush_interval_s=self.settings.flush_interval_s,
+            max_events_per_s=self.settings.max_events_per_s,
+            worker=self.name,
         )
         self.metrics = EngineMetrics(worker=self.name)
         self.engine = Engine(

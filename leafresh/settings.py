@@ -121,7 +121,13 @@ HF_CACHE_DIR = DATA_DIR / "hf"
 LEAFRESH_MAX_RUNNING = env.int("LEAFRESH_MAX_RUNNING", default=8)  # requests decoded together
 LEAFRESH_MAX_WAITING = env.int("LEAFRESH_MAX_WAITING", default=64)  # more are refused with 503
 LEAFRESH_FLUSH_INTERVAL_S = env.float("LEAFRESH_FLUSH_INTERVAL_S", default=0.04)
+# All streams of a worker together send at most this many token events per second (the interval stretches).
+LEAFRESH_MAX_EVENTS_PER_S = env.float("LEAFRESH_MAX_EVENTS_PER_S", default=400.0)
 LEAFRESH_HEARTBEAT_TTL_S = env.float("LEAFRESH_HEARTBEAT_TTL_S", default=10.0)
+
+# Categories, prompts and generation settings are cached per process this long (0 = read every time).
+LEAFRESH_CONFIG_CACHE_S = env.float("LEAFRESH_CONFIG_CACHE_S", default=2.0)
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "leafresh"}}
 
 # --- streams ---
 LEAFRESH_PING_INTERVAL_S = env.float("LEAFRESH_PING_INTERVAL_S", default=5.0)  # `: ping` while waiting

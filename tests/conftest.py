@@ -16,6 +16,16 @@ import torch
 from tests.stack import ROOT, Stack, launch_stack
 
 
+@pytest.fixture(autouse=True)
+def _fresh_config_cache() -> Iterator[None]:
+    """Each test reads the configuration from its own database state, not an earlier test's cache."""
+    from chatbot.selectors import config_cache_clear
+
+    config_cache_clear()
+    yield
+    config_cache_clear()
+
+
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
     """The demo model directory, trained first when it is missing or out of date."""

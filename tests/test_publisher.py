@@ -49,21 +49,24 @@ def test_tokens_are_coalesced_numbered_and_end_with_one_terminal(setup) -> None:
     publisher.token(request, "늦은 토큰")  # after the terminal event: dropped
     publisher.error(request, 500, "m", FinishReason.ERROR)  # a second terminal: dropped
     messages = received()
-    assert [m["type"] for m in messages] == ["chat.queued", "chat.token", "chat.token", "chat.done"]
-    assert [m["seq"] for m in messages] == [1, 2, 3, 4]
+    assert [m["type"] for m in messages] == ["chat.queued", "chat.token", "chat.token", "chat.token", "chat.done"]
+    assert [m["seq"] for m in messages] == [1, 2, 3, 4, 5]
     assert messages[0]["worker"] == "w1"
-    assert messages[1]["text"] == "가나다라" and messages[2]["text"] == "마"
+    # The first text goes out at once; the rest is coalesced per flush interval.
+    assert [m["text"] for m in messages[1:4]] == ["가", "나다라", "마"]
     assert all(m["request_id"] == "r1" for m in messages)
 
 
 def test_discard_drops_pending_tokens_and_everything_after(setup) -> None:
     publisher, received = setup
     request = _request("r2")
-    publisher.token(request, "보내지 않을 텍스트")
+    publisher.token(request, "첫 텍스트")  # sent at once
+    publisher.token(request, "보내지 않을 텍스트")  # pending when the request is discarded
     publisher.discard("r2")
+    publisher.token(request, "늦은 텍스트")
     publisher.done(request, {"recommend": "x", "challenges": []}, usage={}, timings={})
     messages = received()
-    assert [m["type"] for m in messages if m["type"] == "chat.token"] == []
+    assert [m.get("text") for m in messages] == ["첫 텍스트"]
 
 
 def test_requests_are_numbered_independently(setup) -> None:

@@ -38,11 +38,13 @@ def test_base_info_request_carries_the_prompt_category_and_sampling() -> None:
 
 
 def test_an_inactive_category_is_rejected_without_a_restart() -> None:
-    Category.objects.filter(code="VEGAN").update(is_active=False)
+    fields = {"sessionId": "s", "location": "도시", "workType": "사무직", "category": "비건"}
+    recommendation_build_base_info(checked=check_base_info(fields))  # cached as active
+    vegan = Category.objects.get(code="VEGAN")
+    vegan.is_active = False
+    vegan.save()  # as the admin does: the process's cached configuration is dropped
     with pytest.raises(ContractError) as excinfo:
-        recommendation_build_base_info(
-            checked=check_base_info({"sessionId": "s", "location": "도시", "workType": "사무직", "category": "비건"})
-        )
+        recommendation_build_base_info(checked=check_base_info(fields))
     assert excinfo.value.invalid_fields == ["category"]
 
 
