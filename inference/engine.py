@@ -3,9 +3,10 @@
 Exactly one thread calls the model (concurrent `generate()` calls from threads crashed CUDA in the
 first version). Requests arrive through a thread-safe inbox (`submit`, `cancel`); the loop admits
 them up to `max_running`, prefills each, and then advances every running request by one token per
-round, so all live sessions stream at once. Each request has its own KV cache, sampling settings,
-grammar matcher and random generator. Cancellation and deadlines are checked at every step (Celery's
-time limits and revoke do nothing under the solo pool).
+step, so all live sessions stream at once. Each request has its own row of the KV cache, sampling
+settings, grammar matcher and random generator. The inbox is drained before every step, so a cancel
+takes effect at the next step; deadlines are checked at every step too (Celery's time limits and
+revoke do nothing under the solo pool).
 
 Continuous batching: the running requests' KV caches live in one left-padded batch
 (inference.batch.KVBatch); each decode step samples one token per row, each row with its own
