@@ -2,7 +2,8 @@
 
 The Celery worker (celery_app, solo pool, queue `gpu`) starts one `WorkerRuntime` before it
 consumes tasks; a task only calls `runtime.engine.submit(...)` and returns, so the solo pool is
-never held while a request generates. Cancels arrive as `engine.cancel` messages on the
+never held while a request generates. Events go from the engine thread to a publisher child process
+(PublisherProcess), so sending them never competes with the engine for the GIL. Cancels arrive as `engine.cancel` messages on the
 channel-layer group `CONTROL_GROUP`, which every GPU worker joins. The heartbeat is a Redis key
 `heartbeat_prefix + worker name` with a short TTL, refreshed every `heartbeat_interval_s`; its value
 is JSON `{"name", "model", "running", "waiting", "at"}`.
@@ -22,7 +23,7 @@ from typing import Any
 from inference.engine import Engine
 from inference.loading import LoadedModel, ModelSettings, load_model
 from inference.metrics import EngineMetrics
-from inference.publisher import ChannelLayerPublisher, LoopThread
+from inference.publisher import LoopThread, PublisherProcess
 from inference.types import CONTROL_GROUP
 
 logger = logging.getLogger(__name__)
@@ -61,10 +62,10 @@ class WorkerRuntime:
         self.name = settings.name or f"{socket.gethostname()}:{os.getpid()}"
         self.loaded: LoadedModel | None = None
         self.engine: Engine | None = None
-        self._loop = LoopThread("leafresh-publisher")
+        self._loop = LoopThread("leafresh-control")
         self._control: Any = None
         self._control_task: asyncio.Task[None] | None = None
-        self.publisher: ChannelLayerPublisher | None = None
+        self.publisher: PublisherProcess | None = None
 
     def start(self) -> None:
         """Load the model (once), start the engine, the publisher, the cancel listener and heartbeat.
@@ -76,9 +77,8 @@ class WorkerRuntime:
         started = time.monotonic()
         self.loaded = load_model(self.settings.model)
         layer = RedisChannelLayer(**self.settings.channel_layer)
-        self.publisher = ChannelLayerPublisher(
-            layer,
-            self._loop,
+        self.publisher = PublisherProcess(
+            self.settings.channel_layer,
             flush_interval_s=self.settings.flush_interval_s,
             max_events_per_s=self.settings.max_events_per_s,
             worker=self.name,
@@ -103,7 +103,7 @@ class WorkerRuntime:
             self.engine.stop()
         if self.publisher is not None:
             try:
-                self.publisher.drain(timeout=5)
+                self.publisher.stop(timeout=5)
             except Exception:  # noqa: BLE001
                 logger.warning("could not flush all events at shutdown")
         try:
@@ -122,6 +122,10 @@ class WorkerRuntime:
 
     async def _beat(self) -> None:
         assert self.engine is not None and self.loaded is not None
+        if self.publisher is not None and not self.publisher.alive():
+            # Events can no longer reach anyone: stop vouching for this worker, so listeners end with 503.
+            logger.critical("the publisher process of worker %s has died; heartbeat stopped", self.name)
+            return
         running, waiting = self.engine.load
         payload = {"name": self.name, "model": self.loaded.name, "running": running, "waiting": waiting, "at": time.time()}
         key = self.settings.heartbeat_prefix + self.name
