@@ -51,11 +51,16 @@ class KVBatch:
         """Cached positions per row, padding included (T)."""
         return 0 if self.mask is None else int(self.mask.shape[1])
 
-    def prefill(self, prompt_ids: list[int]) -> None:
-        """Run one prompt alone and append it as the last row (its logits become that row's)."""
-        input_ids = torch.tensor([prompt_ids], device=self.device)
-        out = self.model(input_ids=input_ids, use_cache=True)
-        mask = torch.ones((1, len(prompt_ids)), dtype=torch.long, device=self.device)
+    def prefill(self, prompts: list[list[int]]) -> None:
+        """Run prompts together (left-padded, one forward pass) and append them as the last rows."""
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, device=self.device)
+            mask[row, width - len(ids) :] = 1
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
         self._append(out.past_key_values, mask, out.logits[:, -1, :].float())
 
     def _append(self, cache: Any, mask: torch.Tensor, logits: torch.Tensor) -> None:

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 MESSAGE_LENGTH = "답변이 너무 길어져 완성하지 못했습니다. 다시 시도해 주세요."
 MESSAGE_DEADLINE = "응답 시간이 초과되었습니다. 잠시 후 다시 시도해 주세요."
 MESSAGE_ERROR = "추천을 생성하는 중 오류가 발생했습니다. 잠시 후 다시 시도해 주세요."
+MAX_PREFILL_PER_STEP = 8  # prompts prefilled together between two decode steps (bounds the stall)
 RENDER_INTERVAL_S = 0.02  # how often a request's growing JSON is re-rendered (half the publisher's flush)
 MESSAGE_BUSY = "지금은 요청이 많아 처리할 수 없습니다. 잠시 후 다시 시도해 주세요."
 
@@ -231,7 +232,9 @@ class Engine:
             self._fail_rows(late, FinishReason.DEADLINE, 504, MESSAGE_DEADLINE)
 
     def _admit(self) -> None:
-        while self._waiting and len(self._rows) < self.max_running:
+        """Move waiting requests into the batch: up to MAX_PREFILL_PER_STEP prompts in one forward pass."""
+        admitted: list[_Sequence] = []
+        while self._waiting and len(self._rows) + len(admitted) < self.max_running and len(admitted) < MAX_PREFILL_PER_STEP:
             request = self._waiting.popleft()
             now = time.time()
             if now > request.created_at + request.ttft_timeout_s:
@@ -239,33 +242,39 @@ class Engine:
                 self.sink.error(request, 504, MESSAGE_DEADLINE, FinishReason.DEADLINE)
                 continue
             try:
-                seq = self._prefill(request, now)
+                admitted.append(self._new_sequence(request, now))
             except Exception:
-                logger.exception("prefill failed for request %s", request.request_id)
+                logger.exception("could not prepare request %s", request.request_id)
                 self.metrics.finished(FinishReason.ERROR, time.time() - request.created_at)
                 self.sink.error(request, 500, MESSAGE_ERROR, FinishReason.ERROR)
-                continue
-            self._rows.append(seq)
+        if not admitted:
+            return
+        try:
+            self._batch.prefill([seq.prompt_ids for seq in admitted])  # they become the last rows
+        except Exception:
+            logger.exception("prefill failed for %d requests", len(admitted))
+            for seq in admitted:
+                self._log_finish(seq, FinishReason.ERROR)
+                self.sink.error(seq.request, 500, MESSAGE_ERROR, FinishReason.ERROR)
+            return
+        self._rows.extend(admitted)
 
-    def _prefill(self, request: GenerationRequest, now: float) -> _Sequence:
+    def _new_sequence(self, request: GenerationRequest, now: float) -> _Sequence:
         tokenizer = self.loaded.tokenizer
         prompt = tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        matcher = self.grammars.matcher(request.schema)
         seed = request.sampling.seed
         if seed is None:
             seed = int.from_bytes(request.request_id.encode()[:8], "little")
-        seq = _Sequence(
+        return _Sequence(
             request=request,
             prompt_ids=prompt_ids,
-            matcher=matcher,
+            matcher=self.grammars.matcher(request.schema),
             detokenizer=IncrementalDetokenizer(tokenizer),
             renderer=ProgressiveRenderer(),
             rng=torch.Generator().manual_seed(seed),
             admitted_at=now,
         )
-        self._batch.prefill(prompt_ids)  # the new last row
-        return seq
 
     def _decode_step(self) -> None:
         """Sample one token for every row (each with its own grammar and sampling), then one forward pass."""

@@ -119,6 +119,7 @@ def launch_stack(tag: str, extra_env: dict[str, str] | None = None) -> Iterator[
             f"{tag}-{os.getpid()}@%h",
             "--without-mingle",
             "--without-gossip",
+            "--without-heartbeat",
         ],
         env,
         log_dir / "worker.log",
