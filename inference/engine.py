@@ -193,6 +193,7 @@ class Engine:
 
     def _accept(self, request: GenerationRequest) -> None:
         if self._cancelled.pop(request.request_id, None) is not None:
+            self.metrics.finished(FinishReason.CANCELLED, time.time() - request.created_at)
             return
         if len(self._rows) + len(self._waiting) >= self.max_running + self.max_waiting:
             logger.warning("request %s refused: %d running, %d waiting", request.request_id, len(self._rows), len(self._waiting))
@@ -222,6 +223,10 @@ class Engine:
 
     def _expire(self) -> None:
         now = time.time()
+        for request in [r for r in self._waiting if now > r.created_at + r.ttft_timeout_s]:
+            self._waiting.remove(request)
+            self.metrics.finished(FinishReason.DEADLINE, now - request.created_at)
+            self.sink.error(request, 504, MESSAGE_DEADLINE, FinishReason.DEADLINE)
         late = [
             index
             for index, seq in enumerate(self._rows)
@@ -281,7 +286,9 @@ class Engine:
         assert self._batch.logits is not None
         size = len(self._rows)
         rows = [self._row_sampling(seq) for seq in self._rows]
-        scores = guard_and_penalize(self._batch.logits, rows)
+        # Sampling runs on the CPU, beside the grammar bitmask and the per-row generators: (B, vocab)
+        # floats per step (about 4 MB at B=32 for Mistral's vocabulary) is cheap to copy from a GPU.
+        scores = guard_and_penalize(self._batch.logits.cpu(), rows)
         for index, seq in enumerate(self._rows):
             seq.matcher.fill_next_token_bitmask(self._bitmask, index)
         xgr.apply_token_bitmask_inplace(scores, self._bitmask[:size])

@@ -137,7 +137,8 @@ class ChannelLayerPublisher(EventTuples):
         self.flush_interval_s = flush_interval_s
         self._streams: dict[str, _Stream] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()  # recently ended requests: drop late events
-        self._outbox: asyncio.Queue[tuple[str, dict[str, Any]]] | None = None
+        # Created here, not in the sender task: messages handled before that task first runs must not be lost.
+        self._outbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self._sender = loop_thread.submit(self._send_forever())
         self.sent = 0
 
@@ -154,8 +155,7 @@ class ChannelLayerPublisher(EventTuples):
         async def _wait() -> None:
             for stream in list(self._streams.values()):
                 self._flush_stream(stream)
-            if self._outbox is not None:
-                await self._outbox.join()
+            await self._outbox.join()
 
         self.loop_thread.submit(_wait()).result(timeout)
 
@@ -186,7 +186,6 @@ class ChannelLayerPublisher(EventTuples):
     def _enqueue(self, stream: _Stream, event: dict[str, Any]) -> None:
         stream.seq += 1
         event.update(request_id=stream.request_id, seq=stream.seq)
-        assert self._outbox is not None
         self._outbox.put_nowait((stream.group, event))
 
     def _queued(self, request_id: str, group: str, position: int) -> None:
@@ -239,7 +238,6 @@ class ChannelLayerPublisher(EventTuples):
         self._end(request_id)
 
     async def _send_forever(self) -> None:
-        self._outbox = asyncio.Queue()
         while True:
             group, event = await self._outbox.get()
             try:
@@ -263,15 +261,26 @@ class PublisherProcess(EventTuples):
     sends to the channel layer (channels-redis costs about 0.3 ms of CPU per event, which in-process
     would compete with the engine for the GIL). The child is started with `spawn`, so it imports
     neither torch nor Django; it exits when the pipe closes (the worker died) or on `stop()`.
-    A full pipe blocks the engine: that is backpressure from an overloaded publisher.
+    If the child dies, `on_broken` is called once (the worker exits: its listeners end with 503 when
+    its heartbeat expires, rather than waiting on events that would never come).
     """
 
-    def __init__(self, layer_config: dict[str, Any], *, flush_interval_s: float, max_events_per_s: float, worker: str) -> None:
+    def __init__(
+        self,
+        layer_config: dict[str, Any],
+        *,
+        flush_interval_s: float,
+        max_events_per_s: float,
+        worker: str,
+        on_broken: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_broken = on_broken
         context = multiprocessing.get_context("spawn")
         receiver, self._sender = context.Pipe(duplex=False)
         self._acks, ack_sender = context.Pipe(duplex=False)
         self._lock = threading.Lock()  # the engine thread and a shutdown or drain may send at once
         self._drains = 0
+        self._broken = False
         self.process = context.Process(
             target=_publisher_main,
             args=(receiver, ack_sender, layer_config, flush_interval_s, max_events_per_s, worker),
@@ -283,31 +292,45 @@ class PublisherProcess(EventTuples):
         ack_sender.close()
 
     def put(self, item: tuple[Any, ...]) -> None:
-        with self._lock:
-            self._sender.send(item)
+        """Send one message to the child. Never raises into the engine: if the child is gone, the
+        message is dropped (the heartbeat stops, so listeners end with 503)."""
+        if self._broken:
+            return
+        try:
+            with self._lock:
+                self._sender.send(item)
+        except (OSError, ValueError):  # BrokenPipeError is an OSError; ValueError: the pipe was closed
+            self._broken = True
+            logger.critical("the publisher process is gone; events are dropped from now on")
+            if self._on_broken is not None:
+                self._on_broken()
 
     def alive(self) -> bool:
-        """Whether the child process is running."""
-        return self.process.is_alive()
+        """Whether the child process is running and reachable."""
+        return not self._broken and self.process.is_alive()
 
     def drain(self, timeout: float = 5.0) -> bool:
         """Block until every message sent so far has gone to the channel layer; False on timeout."""
+        if not self.alive():
+            return False
         with self._lock:
             self._drains += 1
             marker = self._drains
-            self._sender.send(("drain", marker))
+        self.put(("drain", marker))
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._acks.poll(max(0.0, deadline - time.monotonic())) and self._acks.recv() == marker:
-                return True
+        try:
+            while time.monotonic() < deadline:
+                if self._acks.poll(max(0.0, deadline - time.monotonic())) and self._acks.recv() >= marker:
+                    return True
+        except (EOFError, OSError):  # the child died while draining
+            return False
         return False
 
     def stop(self, timeout: float = 5.0) -> None:
         """Send what is pending, then end the child process."""
         if self.alive():
             self.drain(timeout)
-            with self._lock:
-                self._sender.send(("stop",))
+            self.put(("stop",))
         self.process.join(timeout)
         if self.process.is_alive():
             self.process.terminate()
@@ -345,5 +368,7 @@ def _publisher_main(
     finally:
         try:
             publisher.drain()
+        except Exception:  # a slow or lost Redis: what could not be sent is lost with the process
+            logging.getLogger(__name__).warning("publisher exiting with unsent events", exc_info=True)
         finally:
             loop_thread.stop()

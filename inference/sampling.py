@@ -50,6 +50,8 @@ def sample_batch(scores: torch.Tensor, rows: list[RowSampling]) -> list[int | No
     vocab = scores.shape[1]
     allowed = torch.isfinite(scores).any(dim=1)
     scores = torch.where(allowed[:, None], scores, torch.zeros_like(scores))
+    # Shift each row so its best score is 0: dividing by a temperature below 1 can then never overflow.
+    scores = scores - scores.max(dim=1, keepdim=True).values
     temperature = torch.tensor([r.temperature for r in rows], dtype=torch.float32)
     greedy = temperature <= 0
     best = scores.argmax(dim=1)

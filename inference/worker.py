@@ -54,6 +54,14 @@ class WorkerSettings:
     name: str = ""
 
 
+def _exit_worker() -> None:
+    """The publisher is gone: no event can reach a listener. Exit, so that the heartbeat expires (the
+    listeners end with 503 and new requests fail fast) and the supervisor can start a fresh worker."""
+    logger.critical("exiting the GPU worker: its publisher process died")
+    logging.shutdown()
+    os._exit(70)  # EX_SOFTWARE
+
+
 class WorkerRuntime:
     """Owns the loaded model and the engine thread for the life of the worker process."""
 
@@ -82,6 +90,7 @@ class WorkerRuntime:
             flush_interval_s=self.settings.flush_interval_s,
             max_events_per_s=self.settings.max_events_per_s,
             worker=self.name,
+            on_broken=_exit_worker,
         )
         self.metrics = EngineMetrics(worker=self.name)
         self.engine = Engine(

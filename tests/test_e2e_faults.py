@@ -100,6 +100,34 @@ def test_past_the_bounds_a_request_gets_503_at_once_and_a_waiting_socket_sees_it
             socket.close()
 
 
+def test_the_publisher_process_dying_mid_answer_ends_the_stream_with_503(slow_model_dir) -> None:
+    import psutil
+
+    from tests.stack import launch_stack
+
+    env = {"LEAFRESH_MODEL": str(slow_model_dir), "LEAFRESH_HEARTBEAT_TTL_S": "2"}
+    with launch_stack("pubdeath", env) as stack, httpx.Client(base_url=stack.base_url, timeout=60) as client:
+        with client.stream("GET", FREE_TEXT, params={"sessionId": "orphan", "message": "물을 아끼고 싶어요"}) as response:
+            raw = b""
+            chunks = response.iter_raw()
+            for chunk in chunks:
+                raw += chunk
+                if b"event: challenge" in raw:
+                    break
+            children = psutil.Process(stack.worker.pid).children(recursive=True)
+            publishers = [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
+            assert len(publishers) == 1, [c.cmdline() for c in children]
+            publishers[0].kill()
+            killed_at = time.monotonic()
+            for chunk in chunks:
+                raw += chunk
+            ended_after = time.monotonic() - killed_at
+        stream = SSEStream(response.status_code, response.headers, raw, parse_sse(raw))
+        assert_one_terminal_last(stream)
+        assert stream.terminal.event == "error" and stream.terminal.data["status"] == 503
+        assert ended_after < 10, f"the stream took {ended_after:.1f} s to end after the publisher died"
+
+
 def test_worker_killed_mid_answer_ends_the_stream_with_503_then_new_requests_fail_fast(slow_stack) -> None:
     with httpx.Client(base_url=slow_stack.base_url, timeout=60) as client:
         with client.stream("GET", FREE_TEXT, params={"sessionId": "victim", "message": "자전거를 타고 싶어요"}) as response:

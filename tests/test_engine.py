@@ -220,3 +220,22 @@ def test_repetition_penalty_follows_the_ctrl_rule() -> None:
         sample_token(logits, bitmask=None, seen_ids=seen, temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.5, rng=None)
         == 1
     )
+
+
+def test_an_infinite_logit_with_a_low_temperature_never_draws_a_masked_token() -> None:
+    logits = torch.tensor([float("inf"), 1.0, 5.0, 0.5])
+    bitmask = xgr.allocate_token_bitmask(1, 4)
+    bitmask.fill_(0)
+    bitmask[0, 0] = 0b1011  # tokens 0, 1 and 3 allowed; 2 masked
+    for draw in range(20):
+        token = sample_token(
+            logits,
+            bitmask=bitmask,
+            seen_ids=None,
+            temperature=0.5,
+            top_k=0,
+            top_p=1.0,
+            repetition_penalty=1.0,
+            rng=torch.Generator().manual_seed(draw),
+        )
+        assert token == 0

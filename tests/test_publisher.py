@@ -80,3 +80,25 @@ def test_requests_are_numbered_independently(setup) -> None:
     by_request = {rid: [m for m in messages if m["request_id"] == rid] for rid in ("a", "b")}
     assert [m["seq"] for m in by_request["a"]] == [1, 2] and by_request["a"][-1]["status"] == 504
     assert [m["seq"] for m in by_request["b"]] == [1, 2] and by_request["b"][-1]["type"] == "chat.done"
+
+
+def test_events_published_right_after_start_are_not_lost() -> None:
+    """The outbox exists before the sender task first runs (a worker restarting on a backlog)."""
+    loop_thread = LoopThread("test-publisher-race")
+    try:
+        for attempt in range(30):
+            layer = InMemoryChannelLayer(capacity=1000)
+            channel = loop_thread.submit(layer.new_channel()).result(5)
+            loop_thread.submit(layer.group_add("g", channel)).result(5)
+            publisher = ChannelLayerPublisher(layer, loop_thread, flush_interval_s=0.05)
+            request = _request(f"early-{attempt}")
+            publisher.queued(request, 0)
+            publisher.token(request, "텍스트")
+            publisher.error(request, 503, "m", FinishReason.ERROR)
+            publisher.drain()
+            types = []
+            for _ in range(3):
+                types.append(loop_thread.submit(asyncio.wait_for(layer.receive(channel), 1)).result(5)["type"])
+            assert types == ["chat.queued", "chat.token", "chat.error"], (attempt, types)
+    finally:
+        loop_thread.stop()
