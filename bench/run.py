@@ -45,10 +45,10 @@ from tqdm import tqdm  # noqa: E402
 
 from chatbot import seed  # noqa: E402
 from chatbot.prompts import build_messages  # noqa: E402
-from chatbot.runtime import model_source  # noqa: E402
+from chatbot.runtime import model_settings  # noqa: E402
 from inference.answer import answer_schema  # noqa: E402
 from inference.engine import Engine  # noqa: E402
-from inference.loading import LoadedModel, ModelSettings, load_model  # noqa: E402
+from inference.loading import LoadedModel, load_model  # noqa: E402
 from inference.render import render_answer  # noqa: E402
 from inference.types import FinishReason, GenerationRequest, SamplingParams  # noqa: E402
 from tests.stack import launch_stack  # noqa: E402
@@ -317,17 +317,7 @@ def main() -> None:
     levels = [int(v) for v in args.sessions.split(",")]
     if settings.LEAFRESH_TORCH_THREADS > 0:
         torch.set_num_threads(settings.LEAFRESH_TORCH_THREADS)  # as the worker does
-    source = model_source()
-    loaded = load_model(
-        ModelSettings(
-            source=source,
-            cache_dir=settings.HF_CACHE_DIR,
-            quantization=settings.LEAFRESH_QUANTIZATION,
-            dtype=settings.LEAFRESH_DTYPE,
-            device=settings.LEAFRESH_DEVICE,
-            hf_token=settings.HF_TOKEN,
-        )
-    )
+    loaded = load_model(model_settings())
     results: dict[str, Any] = {
         "model": loaded.name,
         "device": f"{loaded.device} ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__})",

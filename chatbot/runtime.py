@@ -23,20 +23,28 @@ def model_source() -> str:
     return settings.LEAFRESH_MODEL or str(settings.LEAFRESH_DEMO_MODEL_DIR)
 
 
-def worker_settings() -> WorkerSettings:
-    """WorkerSettings from the Django settings module."""
+def model_settings() -> ModelSettings:
+    """How to load the configured model (LEAFRESH_MODEL, or the demo model), from the Django settings.
+
+    Raises RuntimeError when no model is configured and the demo model is not built.
+    """
     source = model_source()
     if not settings.LEAFRESH_MODEL and not Path(source).is_dir():
         raise RuntimeError(f"the demo model is not built at {source}: run `python manage.py train_demo_model`")
+    return ModelSettings(
+        source=source,
+        cache_dir=settings.HF_CACHE_DIR,
+        quantization=settings.LEAFRESH_QUANTIZATION,
+        dtype=settings.LEAFRESH_DTYPE,
+        device=settings.LEAFRESH_DEVICE,
+        hf_token=settings.HF_TOKEN,
+    )
+
+
+def worker_settings() -> WorkerSettings:
+    """WorkerSettings from the Django settings module."""
     return WorkerSettings(
-        model=ModelSettings(
-            source=source,
-            cache_dir=settings.HF_CACHE_DIR,
-            quantization=settings.LEAFRESH_QUANTIZATION,
-            dtype=settings.LEAFRESH_DTYPE,
-            device=settings.LEAFRESH_DEVICE,
-            hf_token=settings.HF_TOKEN,
-        ),
+        model=model_settings(),
         redis_url=settings.REDIS_URL,
         channel_layer=settings.CHANNEL_LAYERS["default"]["CONFIG"],
         max_running=settings.LEAFRESH_MAX_RUNNING,

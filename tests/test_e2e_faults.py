@@ -24,6 +24,24 @@ def _cancelled_in_engine(stack, request_id: str) -> bool:
     return f"request {request_id} finished: cancelled" in (stack.log_dir / "worker.log").read_text(errors="replace")
 
 
+def _stream_until_first_delta_then(client: httpx.Client, session: str, act) -> tuple[SSEStream, float]:
+    """Open a free-text SSE stream, call `act()` once the first `challenge` event arrived, read to the
+    end; return the stream and the seconds it took to end after `act()`."""
+    with client.stream("GET", FREE_TEXT, params={"sessionId": session, "message": "자전거를 타고 싶어요"}) as response:
+        raw = b""
+        chunks = response.iter_raw()
+        for chunk in chunks:
+            raw += chunk
+            if b"event: challenge" in raw:
+                break
+        act()
+        acted_at = time.monotonic()
+        for chunk in chunks:
+            raw += chunk
+        ended_after = time.monotonic() - acted_at
+    return SSEStream(response.status_code, response.headers, raw, parse_sse(raw)), ended_after
+
+
 def _wait_for(predicate, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -107,22 +125,14 @@ def test_the_publisher_process_dying_mid_answer_ends_the_stream_with_503(slow_mo
 
     env = {"LEAFRESH_MODEL": str(slow_model_dir), "LEAFRESH_HEARTBEAT_TTL_S": "2"}
     with launch_stack("pubdeath", env) as stack, httpx.Client(base_url=stack.base_url, timeout=60) as client:
-        with client.stream("GET", FREE_TEXT, params={"sessionId": "orphan", "message": "물을 아끼고 싶어요"}) as response:
-            raw = b""
-            chunks = response.iter_raw()
-            for chunk in chunks:
-                raw += chunk
-                if b"event: challenge" in raw:
-                    break
+
+        def kill_publisher() -> None:
             children = psutil.Process(stack.worker.pid).children(recursive=True)
             publishers = [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
             assert len(publishers) == 1, [c.cmdline() for c in children]
             publishers[0].kill()
-            killed_at = time.monotonic()
-            for chunk in chunks:
-                raw += chunk
-            ended_after = time.monotonic() - killed_at
-        stream = SSEStream(response.status_code, response.headers, raw, parse_sse(raw))
+
+        stream, ended_after = _stream_until_first_delta_then(client, "orphan", kill_publisher)
         assert_one_terminal_last(stream)
         assert stream.terminal.event == "error" and stream.terminal.data["status"] == 503
         assert ended_after < 10, f"the stream took {ended_after:.1f} s to end after the publisher died"
@@ -130,19 +140,9 @@ def test_the_publisher_process_dying_mid_answer_ends_the_stream_with_503(slow_mo
 
 def test_worker_killed_mid_answer_ends_the_stream_with_503_then_new_requests_fail_fast(slow_stack) -> None:
     with httpx.Client(base_url=slow_stack.base_url, timeout=60) as client:
-        with client.stream("GET", FREE_TEXT, params={"sessionId": "victim", "message": "자전거를 타고 싶어요"}) as response:
-            raw = b""
-            chunks = response.iter_raw()
-            for chunk in chunks:
-                raw += chunk
-                if b"event: challenge" in raw:
-                    break
-            os.killpg(slow_stack.worker.pid, signal.SIGKILL)
-            killed_at = time.monotonic()
-            for chunk in chunks:
-                raw += chunk
-            ended_after = time.monotonic() - killed_at
-        stream = SSEStream(response.status_code, response.headers, raw, parse_sse(raw))
+        stream, ended_after = _stream_until_first_delta_then(
+            client, "victim", lambda: os.killpg(slow_stack.worker.pid, signal.SIGKILL)
+        )
         assert_one_terminal_last(stream)
         assert stream.terminal.event == "error" and stream.terminal.data["status"] == 503
         assert stream.terminal.data["message"] and stream.terminal.data["data"] is None
