@@ -140,7 +140,6 @@ class ChannelLayerPublisher(EventTuples):
         # Created here, not in the sender task: messages handled before that task first runs must not be lost.
         self._outbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self._sender = loop_thread.submit(self._send_forever())
-        self.sent = 0
 
     # --- messages (any thread) ---
     def put(self, item: tuple[Any, ...]) -> None:
@@ -246,7 +245,6 @@ class ChannelLayerPublisher(EventTuples):
                 ):
                     with attempt:
                         await self.layer.group_send(group, event)
-                self.sent += 1
             except Exception:  # a lost Redis must not kill the publisher
                 # The listener's stall watchdog ends a stream whose events stop arriving.
                 logger.exception("could not publish %s for request %s", event["type"], event["request_id"])
