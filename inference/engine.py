@@ -122,6 +122,7 @@ class Engine:
         self._rows: list[_Sequence] = []  # row i of the batch
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._waiting: deque[GenerationRequest] = deque()
+        self._positions: dict[str, int] = {}  # last position announced to each waiting request
         self._cancelled: OrderedDict[str, float] = OrderedDict()  # cancels that may precede their submit
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -192,6 +193,7 @@ class Engine:
                 return
 
     def _accept(self, request: GenerationRequest) -> None:
+        """Queue a request (a `chat.queued` with its position: 0 = it joins the batch at the next step)."""
         if self._cancelled.pop(request.request_id, None) is not None:
             self.metrics.finished(FinishReason.CANCELLED, time.time() - request.created_at)
             return
@@ -200,9 +202,20 @@ class Engine:
             self.metrics.finished(FinishReason.ERROR, time.time() - request.created_at)
             self.sink.error(request, 503, MESSAGE_BUSY, FinishReason.ERROR)
             return
-        position = max(0, len(self._rows) + len(self._waiting) + 1 - self.max_running)
         self._waiting.append(request)
-        self.sink.queued(request, position)
+        self._announce_positions()
+
+    def _announce_positions(self) -> None:
+        """Send `chat.queued` to each waiting request whose place in line changed.
+
+        Position 0: it joins the batch at the next step; n: n-th in line for a free row.
+        """
+        positions: dict[str, int] = {}
+        for index, request in enumerate(self._waiting):
+            position = positions[request.request_id] = max(0, len(self._rows) + index + 1 - self.max_running)
+            if self._positions.get(request.request_id) != position:
+                self.sink.queued(request, position)
+        self._positions = positions  # only requests still waiting
 
     def _cancel_now(self, request_id: str) -> None:
         for index, seq in enumerate(self._rows):
@@ -263,6 +276,7 @@ class Engine:
                 self.sink.error(seq.request, 500, MESSAGE_ERROR, FinishReason.ERROR)
             return
         self._rows.extend(admitted)
+        self._announce_positions()  # everyone still waiting moved up
 
     def _new_sequence(self, request: GenerationRequest, now: float) -> _Sequence:
         tokenizer = self.loaded.tokenizer

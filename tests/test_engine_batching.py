@@ -130,3 +130,17 @@ def test_a_running_request_past_its_total_deadline_ends_with_504(loaded_slow) ->
     kind, _, payload = events[-1]
     assert kind == "error" and payload["status"] == 504 and payload["reason"] is FinishReason.DEADLINE
     assert [e for e in events if e[0] == "token"], "it had started streaming before the deadline"
+
+
+def test_waiting_requests_hear_their_place_in_line_as_it_changes(loaded_slow) -> None:
+    sink = ListSink()
+    engine = Engine(loaded_slow, sink, max_running=1, max_waiting=4)
+    engine.start()
+    try:
+        for rid in ("a", "b", "c"):
+            engine.submit(base_info_request(rid, "VEGAN", max_new_tokens=3))
+        sink.wait(3, timeout=60)
+    finally:
+        engine.stop()
+    positions = {rid: [e[2] for e in sink.of(rid) if e[0] == "queued"] for rid in ("a", "b", "c")}
+    assert positions == {"a": [0], "b": [1], "c": [2, 1]}
