@@ -47,6 +47,8 @@ class ContractError(Exception):
 
 @dataclass(frozen=True)
 class BaseInfoInput:
+    """Checked base-info fields: trimmed, non-empty, within LIMITS, no control characters."""
+
     session_id: str
     location: str
     work_type: str
@@ -55,6 +57,8 @@ class BaseInfoInput:
 
 @dataclass(frozen=True)
 class FreeTextInput:
+    """Checked free-text fields (the message may hold line breaks)."""
+
     session_id: str
     message: str
 

@@ -54,9 +54,11 @@ class EventSink(Protocol):
     Called from the engine thread; implementations must not block for long.
     """
 
-    def queued(self, request: GenerationRequest, position: int) -> None: ...
+    def queued(self, request: GenerationRequest, position: int) -> None:
+        """The request was accepted; `position` 0 = joins the batch next step, n = n-th in line."""
 
-    def token(self, request: GenerationRequest, text: str) -> None: ...
+    def token(self, request: GenerationRequest, text: str) -> None:
+        """More human-readable answer text (a delta of the rendering, never JSON syntax)."""
 
     def done(
         self,
@@ -65,11 +67,14 @@ class EventSink(Protocol):
         *,
         usage: dict[str, int],
         timings: dict[str, float],
-    ) -> None: ...
+    ) -> None:
+        """The terminal success: the full answer, `usage` (prompt/completion tokens) and `timings` (seconds)."""
 
-    def error(self, request: GenerationRequest, status: int, message: str, finish_reason: FinishReason) -> None: ...
+    def error(self, request: GenerationRequest, status: int, message: str, finish_reason: FinishReason) -> None:
+        """The terminal failure: HTTP-like `status`, a Korean `message` safe to show, and why it ended."""
 
-    def discard(self, request_id: str) -> None: ...
+    def discard(self, request_id: str) -> None:
+        """The request was cancelled: drop anything pending for it and publish nothing more."""
 
 
 @dataclass

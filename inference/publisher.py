@@ -44,9 +44,11 @@ class LoopThread:
         self._thread.start()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` on the loop soon (FIFO with other calls); returns at once."""
         self.loop.call_soon_threadsafe(fn, *args)
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run a coroutine on the loop; returns a concurrent.futures.Future of its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -85,6 +87,7 @@ class EventTuples:
     `("terminal", request_id, group, event)`, `("discard", request_id)`."""
 
     def put(self, item: tuple[Any, ...]) -> None:
+        """Deliver one message (subclasses: onto a loop, or down a pipe)."""
         raise NotImplementedError
 
     def queued(self, request: GenerationRequest, position: int) -> None:

@@ -79,6 +79,8 @@ class GenerationRequest:
 
 
 class Challenge(TypedDict):
+    """One challenge of the close payload; `category` is the code (e.g. ZERO_WASTE), `label` its Korean name."""
+
     title: str
     description: str
     category: str
@@ -97,6 +99,8 @@ class Answer(TypedDict):
 
 
 class QueuedEvent(TypedDict):
+    """The worker accepted the request; `worker` names it (for the heartbeat check)."""
+
     type: Literal["chat.queued"]
     request_id: str
     seq: int
@@ -105,6 +109,8 @@ class QueuedEvent(TypedDict):
 
 
 class TokenEvent(TypedDict):
+    """Coalesced answer text (a rendering delta)."""
+
     type: Literal["chat.token"]
     request_id: str
     seq: int
@@ -112,6 +118,8 @@ class TokenEvent(TypedDict):
 
 
 class DoneEvent(TypedDict):
+    """Terminal success: the full answer, usage (tokens) and timings (seconds)."""
+
     type: Literal["chat.done"]
     request_id: str
     seq: int
@@ -122,6 +130,8 @@ class DoneEvent(TypedDict):
 
 
 class ErrorEvent(TypedDict):
+    """Terminal failure: status, Korean message, finish reason."""
+
     type: Literal["chat.error"]
     request_id: str
     seq: int
