@@ -46,7 +46,7 @@ def worker_settings() -> WorkerSettings:
     return WorkerSettings(
         model=model_settings(),
         redis_url=settings.REDIS_URL,
-        channel_layer=settings.CHANNEL_LAYERS["default"]["CONFIG"],
+        channel_layer=settings.CHANNEL_LAYERS["default"],
         max_running=settings.LEAFRESH_MAX_RUNNING,
         max_waiting=settings.LEAFRESH_MAX_WAITING,
         flush_interval_s=settings.LEAFRESH_FLUSH_INTERVAL_S,

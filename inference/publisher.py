@@ -13,6 +13,7 @@ waits on Redis. Events are sent one at a time in the order they were produced.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import multiprocessing
 import threading
@@ -29,6 +30,13 @@ from inference.types import DoneEvent, ErrorEvent, FinishReason, GenerationReque
 logger = logging.getLogger(__name__)
 FINISHED_MEMORY = 10_000  # how many ended request ids are remembered to drop their late events
 SEND_ATTEMPTS = 4  # a Redis hiccup (reconnect, failover) is retried for about 0.7 s before an event is dropped
+
+
+def build_channel_layer(spec: dict[str, Any]) -> Any:
+    """A channels layer from a Django CHANNEL_LAYERS entry (`{"BACKEND": dotted path, "CONFIG": {...}}`),
+    without Django (the publisher's child process has none). Raises ImportError for a bad path."""
+    module_name, _, class_name = spec["BACKEND"].rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)(**spec.get("CONFIG", {}))
 
 
 class LoopThread:
@@ -342,12 +350,10 @@ def _publisher_main(
     receiver: Any, acks: Any, layer_config: dict[str, Any], flush_interval_s: float, max_events_per_s: float, worker: str
 ) -> None:
     """The child process: read messages from the pipe and publish them until `stop` or EOF."""
-    from channels_redis.core import RedisChannelLayer
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loop_thread = LoopThread("leafresh-publisher")
     publisher = ChannelLayerPublisher(
-        RedisChannelLayer(**layer_config),
+        build_channel_layer(layer_config),
         loop_thread,
         flush_interval_s=flush_interval_s,
         max_events_per_s=max_events_per_s,

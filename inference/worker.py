@@ -23,7 +23,7 @@ from typing import Any
 from inference.engine import Engine
 from inference.loading import LoadedModel, ModelSettings, load_model
 from inference.metrics import EngineMetrics
-from inference.publisher import LoopThread, PublisherProcess
+from inference.publisher import LoopThread, PublisherProcess, build_channel_layer
 from inference.types import CONTROL_GROUP
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 class WorkerSettings:
     """Everything the runtime needs, read from Django settings by celery_app.
 
-    channel_layer: the channels-redis layer config (`{"hosts": [...], "capacity": ..., ...}`).
+    channel_layer: the CHANNEL_LAYERS entry (`{"BACKEND": dotted path, "CONFIG": {...}}`).
     heartbeat_prefix: the heartbeat key's prefix (LEAFRESH_HEARTBEAT_PREFIX).
     metrics_prefix: the prefix of the key holding the worker's metrics exposition (same TTL).
     heartbeat_ttl_s: how long a heartbeat stays valid; listeners treat a worker whose key has
@@ -80,11 +80,9 @@ class WorkerRuntime:
 
         Raises inference.loading.ModelLoadError if the model cannot be loaded.
         """
-        from channels_redis.core import RedisChannelLayer
-
         started = time.monotonic()
         self.loaded = load_model(self.settings.model)
-        layer = RedisChannelLayer(**self.settings.channel_layer)
+        layer = build_channel_layer(self.settings.channel_layer)
         self.publisher = PublisherProcess(
             self.settings.channel_layer,
             flush_interval_s=self.settings.flush_interval_s,

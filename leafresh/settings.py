@@ -82,20 +82,34 @@ REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
 LEAFRESH_REDIS_PREFIX = env.str("LEAFRESH_REDIS_PREFIX", default="leafresh")
 LEAFRESH_HEARTBEAT_PREFIX = f"{LEAFRESH_REDIS_PREFIX}:worker:"
 LEAFRESH_METRICS_PREFIX = f"{LEAFRESH_REDIS_PREFIX}:metrics:"
-CHANNEL_LAYERS = {
-    "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {
-            # redis-py 8 defaults to a 5 s socket timeout, the same as channels-redis's 5 s blocking
-            # pop: every idle receive would fail. Reads wait longer than the pop; connects stay short.
-            "hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}],
-            "prefix": f"{LEAFRESH_REDIS_PREFIX}:asgi",
-            # group_send drops messages to a full channel: size it for the slowest listener.
-            "capacity": env.int("LEAFRESH_CHANNEL_CAPACITY", default=1000),
-            "expiry": env.int("LEAFRESH_CHANNEL_EXPIRY_S", default=120),
-        },
+# redis-py 8 defaults to a 5 s socket timeout, the same as channels-redis's 5 s blocking pop: every
+# idle receive would fail. Reads wait longer than the pop; connects stay short.
+_CHANNEL_HOSTS = [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}]
+# core: channels-redis's list-based layer (messages wait in Redis; group_send drops to a full channel).
+# pubsub: channels-redis's Pub/Sub layer (one PUBLISH per event, pushed to subscribers; no capacity).
+LEAFRESH_CHANNEL_BACKEND = env.str("LEAFRESH_CHANNEL_BACKEND", default="core")
+if LEAFRESH_CHANNEL_BACKEND == "pubsub":
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+            "CONFIG": {"hosts": _CHANNEL_HOSTS, "prefix": f"{LEAFRESH_REDIS_PREFIX}:asgi:"},
+        }
     }
-}
+elif LEAFRESH_CHANNEL_BACKEND == "core":
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {
+                "hosts": _CHANNEL_HOSTS,
+                "prefix": f"{LEAFRESH_REDIS_PREFIX}:asgi",
+                # group_send drops messages to a full channel: size it for the slowest listener.
+                "capacity": env.int("LEAFRESH_CHANNEL_CAPACITY", default=1000),
+                "expiry": env.int("LEAFRESH_CHANNEL_EXPIRY_S", default=120),
+            },
+        }
+    }
+else:
+    raise ValueError(f"LEAFRESH_CHANNEL_BACKEND must be core or pubsub, not {LEAFRESH_CHANNEL_BACKEND!r}")
 
 CELERY_BROKER_URL = REDIS_URL
 CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": f"{LEAFRESH_REDIS_PREFIX}:celery:"}
