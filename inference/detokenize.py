@@ -26,11 +26,17 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: _Decoder) -> None:
         self._tokenizer = tokenizer
+        # The Rust tokenizer directly, when the Python wrapper would add nothing (no space clean-up):
+        # it is called twice per generated token, and the wrapper's argument handling dominates.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else backend
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=True)
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
