@@ -32,6 +32,8 @@ from inference.types import TERMINAL_TYPES, FinishReason, GenerationRequest
 logger = logging.getLogger(__name__)
 LIVENESS_CHECK_INTERVAL_S = 1.0  # how often a waiting listener checks its worker's heartbeat
 DEADLINE_GRACE_S = 5.0  # the listener's backstop deadlines trail the engine's own by this much
+NOT_ACCEPTED = (503, contract.MESSAGE_NO_WORKER, FinishReason.ERROR)
+TIMED_OUT = (504, contract.MESSAGE_TIMEOUT, FinishReason.DEADLINE)
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,8 @@ async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dic
     inbox: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
     receiver: asyncio.Task[None] | None = None
     last_seq = 0
-    worker: str | None = None  # who took the request, from chat.queued
+    accepted = False  # a worker took the request (chat.queued arrived)
+    worker: str | None = None  # its name, when it gave one: its heartbeat is watched
     first_token_seen = False
     last_event_at = started
     next_liveness_check = 0.0
@@ -118,19 +121,12 @@ async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dic
         _raise_if_cancelling()
         while True:
             now = time.monotonic()
-            if worker is None:
-                deadline, failure = accept_deadline, (503, contract.MESSAGE_NO_WORKER, FinishReason.ERROR)
+            if not accepted:
+                deadline, failure = accept_deadline, NOT_ACCEPTED
             elif not first_token_seen:
-                deadline, failure = first_token_deadline, (504, contract.MESSAGE_TIMEOUT, FinishReason.DEADLINE)
+                deadline, failure = first_token_deadline, TIMED_OUT
             else:
-                deadline, failure = (
-                    last_event_at + settings.LEAFRESH_STALL_TIMEOUT_S,
-                    (
-                        504,
-                        contract.MESSAGE_TIMEOUT,
-                        FinishReason.DEADLINE,
-                    ),
-                )
+                deadline, failure = last_event_at + settings.LEAFRESH_STALL_TIMEOUT_S, TIMED_OUT
             deadline = min(deadline, total_deadline)
             if now >= deadline:
                 logger.warning("listener of request %s gave up waiting (worker=%s)", request.request_id, worker)
@@ -160,7 +156,8 @@ async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dic
             last_event_at = time.monotonic()
             kind = message.get("type")
             if kind == "chat.queued":
-                worker = message.get("worker") or "?"
+                accepted = True
+                worker = message.get("worker") or worker
             elif kind == "chat.token":
                 first_token_seen = True
             if kind in TERMINAL_TYPES:
