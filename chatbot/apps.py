@@ -7,13 +7,15 @@ class ChatbotConfig(AppConfig):
     verbose_name = "Leafresh 챗봇"
 
     def ready(self) -> None:
+        from django.db import transaction
         from django.db.models.signals import post_delete, post_save
 
         from chatbot.models import Category, GenerationSettings, PromptTemplate
         from chatbot.selectors import config_cache_clear
 
         def clear(**kwargs: object) -> None:
-            config_cache_clear()
+            config_cache_clear()  # at once, for this process's next read
+            transaction.on_commit(config_cache_clear)  # and after commit, in case a reader re-cached the old row
 
         for model in (Category, PromptTemplate, GenerationSettings):
             post_save.connect(clear, sender=model, weak=False, dispatch_uid=f"config-cache-{model.__name__}-save")

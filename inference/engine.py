@@ -234,6 +234,7 @@ class Engine:
                 self._waiting.remove(request)
                 self.metrics.finished(FinishReason.CANCELLED, time.time() - request.created_at)
                 self.sink.discard(request_id)
+                self._announce_positions()
                 return
         self._cancelled[request_id] = time.time()
         while len(self._cancelled) > 10_000:
@@ -241,10 +242,13 @@ class Engine:
 
     def _expire(self) -> None:
         now = time.time()
-        for request in [r for r in self._waiting if now > r.created_at + r.ttft_timeout_s]:
+        expired = [r for r in self._waiting if now > r.created_at + r.ttft_timeout_s]
+        for request in expired:
             self._waiting.remove(request)
             self.metrics.finished(FinishReason.DEADLINE, now - request.created_at)
             self.sink.error(request, 504, MESSAGE_DEADLINE, FinishReason.DEADLINE)
+        if expired:
+            self._announce_positions()
         late = [
             index
             for index, seq in enumerate(self._rows)
@@ -279,6 +283,7 @@ class Engine:
             for seq in admitted:
                 self._log_finish(seq, FinishReason.ERROR)
                 self.sink.error(seq.request, 500, MESSAGE_ERROR, FinishReason.ERROR)
+            self._announce_positions()
             return
         self._rows.extend(admitted)
         self._announce_positions()  # everyone still waiting moved up

@@ -288,8 +288,10 @@ class PublisherProcess(EventTuples):
         receiver, self._sender = context.Pipe(duplex=False)
         self._acks, ack_sender = context.Pipe(duplex=False)
         self._lock = threading.Lock()  # the engine thread and a shutdown or drain may send at once
+        self._drain_lock = threading.Lock()  # numbering drains never waits behind a blocked send
         self._drains = 0
         self._broken = False
+        self.closing = False  # stop() has begun: a closed pipe is expected, not a failure
         self.process = context.Process(
             target=_publisher_main,
             args=(receiver, ack_sender, layer_config, flush_interval_s, max_events_per_s, worker),
@@ -310,6 +312,8 @@ class PublisherProcess(EventTuples):
                 self._sender.send(item)
         except (OSError, ValueError):  # BrokenPipeError is an OSError; ValueError: the pipe was closed
             self._broken = True
+            if self.closing:
+                return  # a late event during shutdown: the worker is stopping anyway
             logger.critical("the publisher process is gone; events are dropped from now on")
             if self._on_broken is not None:
                 self._on_broken()
@@ -322,7 +326,7 @@ class PublisherProcess(EventTuples):
         """Block until every message sent so far has gone to the channel layer; False on timeout."""
         if not self.alive():
             return False
-        with self._lock:
+        with self._drain_lock:
             self._drains += 1
             marker = self._drains
         self.put(("drain", marker))
@@ -337,6 +341,7 @@ class PublisherProcess(EventTuples):
 
     def stop(self, timeout: float = 5.0) -> None:
         """Send what is pending, then end the child process."""
+        self.closing = True
         if self.alive():
             self.drain(timeout)
             self.put(("stop",))
@@ -368,7 +373,10 @@ def _publisher_main(
             if item[0] == "stop":
                 break
             if item[0] == "drain":
-                publisher.drain()
+                try:
+                    publisher.drain()
+                except Exception:  # a slow Redis: answer anyway, the events keep going out
+                    logging.getLogger(__name__).warning("drain timed out", exc_info=True)
                 acks.send(item[1])
                 continue
             publisher.put(item)

@@ -129,10 +129,10 @@ class WorkerRuntime:
 
     async def _beat(self) -> None:
         assert self.engine is not None and self.loaded is not None
-        if self.publisher is not None and not self.publisher.alive():
-            # Events can no longer reach anyone: stop vouching for this worker, so listeners end with 503.
-            logger.critical("the publisher process of worker %s has died; heartbeat stopped", self.name)
-            return
+        if self.publisher is not None and not self.publisher.alive() and not self.publisher.closing:
+            # Events can no longer reach anyone, even while no request is running: exit (the heartbeat
+            # expires, listeners end with 503, and the supervisor starts a fresh worker).
+            _exit_worker()
         running, waiting = self.engine.load
         payload = {"name": self.name, "model": self.loaded.name, "running": running, "waiting": waiting, "at": time.time()}
         key = self.settings.heartbeat_prefix + self.name

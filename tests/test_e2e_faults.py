@@ -138,6 +138,19 @@ def test_the_publisher_process_dying_mid_answer_ends_the_stream_with_503(slow_mo
         assert ended_after < 10, f"the stream took {ended_after:.1f} s to end after the publisher died"
 
 
+def test_an_idle_worker_whose_publisher_dies_exits(demo_model_dir) -> None:
+    import psutil
+
+    from tests.stack import launch_stack
+
+    with launch_stack("idledeath", {"LEAFRESH_HEARTBEAT_TTL_S": "2"}) as stack:
+        children = psutil.Process(stack.worker.pid).children(recursive=True)
+        [publisher] = [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
+        publisher.kill()
+        # The next heartbeat notices: the worker exits (EX_SOFTWARE) instead of refusing work forever.
+        assert stack.worker.wait(timeout=15) == 70
+
+
 def test_worker_killed_mid_answer_ends_the_stream_with_503_then_new_requests_fail_fast(slow_stack) -> None:
     with httpx.Client(base_url=slow_stack.base_url, timeout=60) as client:
         stream, ended_after = _stream_until_first_delta_then(
