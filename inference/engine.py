@@ -177,9 +177,7 @@ class Engine:
                     self._fail_rows(list(range(len(self._rows))), FinishReason.ERROR, 500, MESSAGE_ERROR)
             self._fail_rows(list(range(len(self._rows))), FinishReason.ERROR, 503, MESSAGE_ERROR)
             while self._waiting:
-                request = self._waiting.popleft()
-                self.metrics.finished(FinishReason.ERROR, time.time() - request.created_at)
-                self.sink.error(request, 503, MESSAGE_ERROR, FinishReason.ERROR)
+                self._refuse(self._waiting.popleft(), FinishReason.ERROR, 503, MESSAGE_ERROR)
 
     def _drain_inbox(self, *, block: bool) -> None:
         try:
@@ -204,8 +202,7 @@ class Engine:
             return
         if len(self._rows) + len(self._waiting) >= self.max_running + self.max_waiting:
             logger.warning("request %s refused: %d running, %d waiting", request.request_id, len(self._rows), len(self._waiting))
-            self.metrics.finished(FinishReason.ERROR, time.time() - request.created_at)
-            self.sink.error(request, 503, MESSAGE_BUSY, FinishReason.ERROR)
+            self._refuse(request, FinishReason.ERROR, 503, MESSAGE_BUSY)
             return
         self._waiting.append(request)
         self._announce_positions()
@@ -245,8 +242,7 @@ class Engine:
         expired = [r for r in self._waiting if now > r.created_at + r.ttft_timeout_s]
         for request in expired:
             self._waiting.remove(request)
-            self.metrics.finished(FinishReason.DEADLINE, now - request.created_at)
-            self.sink.error(request, 504, MESSAGE_DEADLINE, FinishReason.DEADLINE)
+            self._refuse(request, FinishReason.DEADLINE, 504, MESSAGE_DEADLINE)
         if expired:
             self._announce_positions()
         late = [
@@ -262,18 +258,12 @@ class Engine:
         """Move waiting requests into the batch: up to MAX_PREFILL_PER_STEP prompts in one forward pass."""
         admitted: list[_Sequence] = []
         while self._waiting and len(self._rows) + len(admitted) < self.max_running and len(admitted) < MAX_PREFILL_PER_STEP:
-            request = self._waiting.popleft()
-            now = time.time()
-            if now > request.created_at + request.ttft_timeout_s:
-                self.metrics.finished(FinishReason.DEADLINE, now - request.created_at)
-                self.sink.error(request, 504, MESSAGE_DEADLINE, FinishReason.DEADLINE)
-                continue
+            request = self._waiting.popleft()  # _expire has just removed those past their deadline
             try:
-                admitted.append(self._new_sequence(request, now))
+                admitted.append(self._new_sequence(request, time.time()))
             except Exception:
                 logger.exception("could not prepare request %s", request.request_id)
-                self.metrics.finished(FinishReason.ERROR, time.time() - request.created_at)
-                self.sink.error(request, 500, MESSAGE_ERROR, FinishReason.ERROR)
+                self._refuse(request, FinishReason.ERROR, 500, MESSAGE_ERROR)
         if not admitted:
             return
         try:
@@ -281,8 +271,7 @@ class Engine:
         except Exception:
             logger.exception("prefill failed for %d requests", len(admitted))
             for seq in admitted:
-                self._log_finish(seq, FinishReason.ERROR)
-                self.sink.error(seq.request, 500, MESSAGE_ERROR, FinishReason.ERROR)
+                self._fail_seq(seq, FinishReason.ERROR, 500, MESSAGE_ERROR)
             self._announce_positions()
             return
         self._rows.extend(admitted)
@@ -333,8 +322,7 @@ class Engine:
                 keep.append(index)
                 fed.append(token_id)
         for index in failed:
-            self._log_finish(self._rows[index], FinishReason.ERROR)
-            self.sink.error(self._rows[index].request, 500, MESSAGE_ERROR, FinishReason.ERROR)
+            self._fail_seq(self._rows[index], FinishReason.ERROR, 500, MESSAGE_ERROR)
         self._rows = [self._rows[index] for index in keep]
         self._batch.keep(keep)
         if self._rows:
@@ -380,8 +368,7 @@ class Engine:
             self._finish(seq)
             return "done"
         if len(seq.generated) >= seq.request.sampling.max_new_tokens:
-            self._log_finish(seq, FinishReason.LENGTH)
-            self.sink.error(seq.request, 500, MESSAGE_LENGTH, FinishReason.LENGTH)
+            self._fail_seq(seq, FinishReason.LENGTH, 500, MESSAGE_LENGTH)
             return "done"
         return "continue"
 
@@ -410,8 +397,7 @@ class Engine:
             tail = seq.renderer.finish(answer)
         except ValueError:
             logger.exception("completion of request %s is not a valid answer", request.request_id)
-            self._log_finish(seq, FinishReason.ERROR)
-            self.sink.error(request, 500, MESSAGE_ERROR, FinishReason.ERROR)
+            self._fail_seq(seq, FinishReason.ERROR, 500, MESSAGE_ERROR)
             return
         if tail:
             self.sink.token(request, tail)
@@ -436,9 +422,18 @@ class Engine:
     def _fail_rows(self, indices: list[int], reason: FinishReason, status: int, message: str) -> None:
         for index in indices:
             seq = self._rows[index]
-            self._log_finish(seq, reason)
-            self.sink.error(seq.request, status, message, reason)
+            self._fail_seq(seq, reason, status, message)
         self._drop_rows(indices)
+
+    def _fail_seq(self, seq: _Sequence, reason: FinishReason, status: int, message: str) -> None:
+        """End a request that had a row (its terminal `error`); the caller removes the row."""
+        self._log_finish(seq, reason)
+        self.sink.error(seq.request, status, message, reason)
+
+    def _refuse(self, request: GenerationRequest, reason: FinishReason, status: int, message: str) -> None:
+        """End a request that never got a row (refused, expired while waiting, not preparable)."""
+        self.metrics.finished(reason, time.time() - request.created_at)
+        self.sink.error(request, status, message, reason)
 
     def _log_finish(self, seq: _Sequence, reason: FinishReason) -> None:
         self.metrics.finished(reason, time.time() - seq.request.created_at)

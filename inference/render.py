@@ -44,11 +44,6 @@ class ProgressiveRenderer:
         self._json = ""
         self._emitted = ""
 
-    @property
-    def text(self) -> str:
-        """Everything emitted so far."""
-        return self._emitted
-
     def feed(self, chunk: str) -> str:
         """Add completion text; return the new rendering delta ("" when nothing is new)."""
         if not chunk:

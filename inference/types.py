@@ -140,7 +140,6 @@ class ErrorEvent(TypedDict):
     finish_reason: str
 
 
-StreamEvent = QueuedEvent | TokenEvent | DoneEvent | ErrorEvent
 TERMINAL_TYPES = frozenset({"chat.done", "chat.error"})
 
 # Every GPU worker's control channel joins this group; listeners send `engine.cancel` to it.
