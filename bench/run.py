@@ -309,7 +309,7 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", default="1,8,32", help="concurrency levels, comma-separated")
-    parser.add_argument("--requests-per-session", type=int, default=8)
+    parser.add_argument("--requests-per-session", type=int, default=16)
     parser.add_argument("--baseline-requests", type=int, default=16)
     parser.add_argument("--stagger-ms", type=float, default=20.0, help="delay between session arrivals")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")

@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
+from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
 
 from chatbot import contract
@@ -64,6 +66,24 @@ async def _receive_forever(layer: Any, channel: str, inbox: asyncio.Queue[dict[s
         inbox.put_nowait(exc)
 
 
+_standing_channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, str] = weakref.WeakKeyDictionary()
+
+
+async def hold_standing_subscription(layer: Any) -> None:
+    """Keep the Pub/Sub layer's receiver reading: one subscription held for the event loop's life.
+
+    channels-redis's `RedisPubSubChannelLayer` polls its connection only while it holds a
+    subscription and otherwise sleeps 0.1 s between checks (`RedisSingleShardConnection._do_receiving`),
+    so the first request after an idle moment would wait up to 100 ms for its first event. A channel
+    nobody sends to keeps it subscribed; it costs one idle poll every 0.1 s. Other layers: no-op.
+    """
+    if not isinstance(layer, RedisPubSubChannelLayer):
+        return
+    loop = asyncio.get_running_loop()
+    if loop not in _standing_channels:
+        _standing_channels[loop] = await layer.new_channel("standing.")
+
+
 def _raise_if_cancelling() -> None:
     """Raise CancelledError when this task was asked to stop but an await swallowed the request.
 
@@ -89,6 +109,7 @@ async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dic
     first_token_deadline = started + request.ttft_timeout_s + DEADLINE_GRACE_S
     total_deadline = started + request.total_timeout_s + DEADLINE_GRACE_S
     # The default prefix: channels-redis polls every process-local channel through one shared name.
+    await hold_standing_subscription(layer)
     channel = await layer.new_channel()
     inbox: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
     receiver: asyncio.Task[None] | None = None

@@ -9,6 +9,10 @@ and per-row position ids.
 
 Shapes: B rows, T cached positions, per layer keys/values (B, kv_heads, T, head_dim); `mask` (B, T)
 with 1 for real tokens; `logits` (B, vocab), the next-token logits of every row.
+
+Each layer's keys and values are views of buffers with spare columns (`PreallocatedLayer`): a decode
+step writes its one new column in place instead of concatenating the whole cache, which per step
+and layer would copy all B x T cached positions (transformers' DynamicLayer does `torch.cat`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+HEADROOM = 64  # spare columns allocated with a layer's buffers; they grow by at least half again when full
 
 
 def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -29,6 +36,75 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = width
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A DynamicLayer whose `keys`/`values` (B, kv_heads, T, head_dim) are views of larger buffers.
+
+    Built from row groups, each left-padded (with zeros) to the common width T. `update` appends new
+    positions in place; the buffers are reallocated (copied) only when the spare columns run out, by
+    at least half their size, so appending costs O(B) amortised per position instead of O(B x T).
+    Used only by KVBatch, which selects rows with `batch_select_indices` and trims with `trim_left`.
+    """
+
+    def __init__(self, groups: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> None:
+        super().__init__()
+        first = groups[0][0]
+        self.dtype, self.device = first.dtype, first.device
+        self.is_initialized = True
+        shape = (sum(keys.shape[0] for keys, _ in groups), first.shape[1], width + HEADROOM, first.shape[3])
+        self._key_buffer, self._value_buffer = first.new_empty(shape), first.new_empty(shape)
+        row = 0
+        for keys, values in groups:
+            rows, pad = keys.shape[0], width - keys.shape[2]
+            for buffer, part in ((self._key_buffer, keys), (self._value_buffer, values)):
+                buffer[row : row + rows, :, :pad] = 0  # masked, but 0 x NaN would still poison attention
+                buffer[row : row + rows, :, pad:width] = part
+            row += rows
+        self._length = width
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys = self._key_buffer[:, :, : self._length]
+        self.values = self._value_buffer[:, :, : self._length]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, kv_heads, n, head_dim) new positions; return the whole cached keys and values."""
+        end = self._length + key_states.shape[2]
+        if end > self._key_buffer.shape[2]:
+            columns = max(end + HEADROOM, self._key_buffer.shape[2] * 3 // 2)
+            shape = (*self._key_buffer.shape[:2], columns, self._key_buffer.shape[3])
+            keys, values = self._key_buffer.new_empty(shape), self._value_buffer.new_empty(shape)
+            keys[:, :, : self._length] = self.keys
+            values[:, :, : self._length] = self.values
+            self._key_buffer, self._value_buffer = keys, values
+        self._key_buffer[:, :, self._length : end] = key_states
+        self._value_buffer[:, :, self._length : end] = value_states
+        self._length = end
+        self._expose()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only these rows, in this order (one copy, spare columns included)."""
+        self._key_buffer = self._key_buffer.index_select(0, indices)
+        self._value_buffer = self._value_buffer.index_select(0, indices)
+        self._expose()
+
+    def trim_left(self, columns: int) -> None:
+        """Drop the first `columns` positions of every row (a view: no copy)."""
+        self._key_buffer = self._key_buffer[:, :, columns:]
+        self._value_buffer = self._value_buffer[:, :, columns:]
+        self._length -= columns
+        self._expose()
+
+
+def _preallocated(groups: list[list[tuple[torch.Tensor, torch.Tensor]]], width: int) -> DynamicCache:
+    """A cache whose layer i holds the row groups' layer i, stacked in order and left-padded to `width`."""
+    cache = DynamicCache()
+    cache.layers = [PreallocatedLayer(list(layer), width) for layer in zip(*groups, strict=True)]
+    return cache
 
 
 class KVBatch:
@@ -65,19 +141,13 @@ class KVBatch:
 
     def _append(self, cache: Any, mask: torch.Tensor, logits: torch.Tensor) -> None:
         if self.mask is None:
-            self.cache, self.mask, self.logits = cache, mask, logits
+            self.cache, self.mask, self.logits = _preallocated([_layers(cache)], int(mask.shape[1])), mask, logits
             return
         width = max(self.width, int(mask.shape[1]))
-        mine, theirs = width - self.width, width - int(mask.shape[1])
-        merged = [
-            (
-                torch.cat([_left_pad(k1, mine, 2), _left_pad(k2, theirs, 2)], dim=0),
-                torch.cat([_left_pad(v1, mine, 2), _left_pad(v2, theirs, 2)], dim=0),
-            )
-            for (k1, v1), (k2, v2) in zip(_layers(self.cache), _layers(cache), strict=True)
-        ]
-        self.cache = DynamicCache(ddp_cache_data=merged)
-        self.mask = torch.cat([_left_pad(self.mask, mine, 1), _left_pad(mask, theirs, 1)], dim=0)
+        self.cache = _preallocated([_layers(self.cache), _layers(cache)], width)
+        self.mask = torch.cat(
+            [_left_pad(self.mask, width - self.width, 1), _left_pad(mask, width - int(mask.shape[1]), 1)], dim=0
+        )
         assert self.logits is not None
         self.logits = torch.cat([self.logits, logits], dim=0)
 
@@ -96,8 +166,7 @@ class KVBatch:
         start = int(self.mask.any(dim=0).nonzero()[0].item())
         if start > 0:
             for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, start:, :]
-                layer.values = layer.values[:, :, start:, :]
+                layer.trim_left(start)
             self.mask = self.mask[:, start:]
 
     def decode(self, token_ids: list[int]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import xgrammar as xgr
 
@@ -42,26 +43,45 @@ def guard_and_penalize(scores: torch.Tensor, rows: list[RowSampling]) -> torch.T
     return scores
 
 
+def _top(scores: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `width` largest scores of each row of a CPU (B, vocab) tensor, descending, and their ids.
+
+    What `torch.topk(scores, width, sorted=True)` returns (ties in any order), by numpy's
+    introselect partition and a sort of the `width` survivors: on a CPU about 3x faster than
+    torch.topk for B=32, vocab=1781, width=50 (torch 2.13).
+    """
+    values = scores.numpy()
+    part = np.argpartition(-values, width - 1, axis=1)[:, :width]
+    part_values = np.take_along_axis(values, part, axis=1)
+    order = np.argsort(-part_values, axis=1, kind="stable")
+    return (
+        torch.from_numpy(np.take_along_axis(part_values, order, axis=1)),
+        torch.from_numpy(np.take_along_axis(part, order, axis=1)),
+    )
+
+
 def sample_batch(scores: torch.Tensor, rows: list[RowSampling]) -> list[int | None]:
     """Next token id per row of `scores` (B, vocab), already guarded, penalized and grammar-masked.
 
     Returns None for a row where no token is allowed (every score -inf).
     """
     vocab = scores.shape[1]
-    allowed = torch.isfinite(scores).any(dim=1)
-    scores = torch.where(allowed[:, None], scores, torch.zeros_like(scores))
+    # One reduction gives the greedy pick and which rows allow any token (guarded: no NaN, no +inf).
+    peak, best = scores.max(dim=1)
+    allowed = peak > float("-inf")
     # Shift each row so its best score is 0: dividing by a temperature below 1 can then never overflow.
-    scores = scores - scores.max(dim=1, keepdim=True).values
+    scores = scores - peak[:, None]
+    if not bool(allowed.all()):
+        scores = scores.masked_fill(~allowed[:, None], 0.0)  # drawn from, then reported as None
     temperature = torch.tensor([r.temperature for r in rows], dtype=torch.float32)
     greedy = temperature <= 0
-    best = scores.argmax(dim=1)
     top_k = torch.tensor([r.top_k if 0 < r.top_k < vocab else vocab for r in rows])
     top_p = torch.tensor([r.top_p if 0 < r.top_p < 1.0 else 1.0 for r in rows], dtype=torch.float32)
     scaled = scores / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     # Only the top max(top_k) candidates can be drawn: a partial sort is enough unless a row has top-k off.
     width = int(top_k.max())
     if width < vocab:
-        ordered, order = torch.topk(scaled, width, dim=1, sorted=True)
+        ordered, order = _top(scaled, width)
     else:
         ordered, order = torch.sort(scaled, dim=1, descending=True)
     ranks = torch.arange(width)[None, :]

@@ -80,14 +80,14 @@ REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
 # Every key this deployment writes (broker queues, channel layer, heartbeats) starts with this, so two
 # deployments or test runs can share one Redis server without taking each other's tasks.
 LEAFRESH_REDIS_PREFIX = env.str("LEAFRESH_REDIS_PREFIX", default="leafresh")
-LEAFRESH_HEARTBEAT_PREFIX = f"{LEAFRESH_REDIS_PREFIX}:worker:"
 LEAFRESH_METRICS_PREFIX = f"{LEAFRESH_REDIS_PREFIX}:metrics:"
 # redis-py 8 defaults to a 5 s socket timeout, the same as channels-redis's 5 s blocking pop: every
 # idle receive would fail. Reads wait longer than the pop; connects stay short.
 _CHANNEL_HOSTS = [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}]
-# core: channels-redis's list-based layer (messages wait in Redis; group_send drops to a full channel).
 # pubsub: channels-redis's Pub/Sub layer (one PUBLISH per event, pushed to subscribers; no capacity).
-LEAFRESH_CHANNEL_BACKEND = env.str("LEAFRESH_CHANNEL_BACKEND", default="core")
+# core: channels-redis's list-based layer (messages wait in Redis; group_send drops to a full channel).
+# Every web process and every worker must use the same one. README "Channel layer" has the measurements.
+LEAFRESH_CHANNEL_BACKEND = env.str("LEAFRESH_CHANNEL_BACKEND", default="pubsub")
 if LEAFRESH_CHANNEL_BACKEND == "pubsub":
     CHANNEL_LAYERS = {
         "default": {
@@ -110,6 +110,10 @@ elif LEAFRESH_CHANNEL_BACKEND == "core":
     }
 else:
     raise ValueError(f"LEAFRESH_CHANNEL_BACKEND must be core or pubsub, not {LEAFRESH_CHANNEL_BACKEND!r}")
+
+# A worker's heartbeat is filed under its channel layer: a web process on the other layer could never
+# receive its events, so it sees no live worker and answers 503 at once instead of waiting for one.
+LEAFRESH_HEARTBEAT_PREFIX = f"{LEAFRESH_REDIS_PREFIX}:worker:{LEAFRESH_CHANNEL_BACKEND}:"
 
 CELERY_BROKER_URL = REDIS_URL
 CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": f"{LEAFRESH_REDIS_PREFIX}:celery:"}

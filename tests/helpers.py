@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
+from websockets.sync.client import connect
 
 from inference.render import render_answer
 
@@ -101,3 +104,23 @@ def assert_deltas_render_answer(text: str, answer: dict[str, Any]) -> None:
     assert text == render_answer(answer)
     for syntax in ('{"', '":"', '"}', '","', "[{"):
         assert syntax not in text, f"JSON syntax {syntax!r} in the streamed text"
+
+
+def ws_exchange(stack, session: str, *frames: dict, until: int = 1, timeout: float = 60) -> list[dict]:
+    """Send frames, collect server frames until `until` terminal frames arrived, then 0.3 s more."""
+    received: list[dict] = []
+    with connect(f"{stack.ws_url}/ws/chat/{quote(session)}/", origin=stack.origin, open_timeout=10) as socket:
+        for frame in frames:
+            socket.send(frame if isinstance(frame, str) else json.dumps(frame, ensure_ascii=False))
+        deadline = time.monotonic() + timeout
+        terminals = 0
+        while terminals < until and time.monotonic() < deadline:
+            message = json.loads(socket.recv(timeout=deadline - time.monotonic()))
+            received.append(message)
+            terminals += message["type"] in ("chat.done", "chat.error")
+        try:
+            while True:
+                received.append(json.loads(socket.recv(timeout=0.3)))
+        except TimeoutError:
+            pass
+    return received

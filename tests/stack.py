@@ -75,6 +75,31 @@ def _wait(predicate, timeout: float, what: str, procs: list[subprocess.Popen[byt
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def _start_web(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return _start([str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "leafresh.asgi:application"], env, log)
+
+
+def _web_up(base_url: str) -> bool:
+    try:
+        return httpx.get(base_url + "/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def launch_web(stack: Stack, tag: str, extra_env: dict[str, str]) -> Iterator[str]:
+    """A second daphne beside `stack`'s, on the same Redis prefix and database with `extra_env` on
+    top of the stack's environment; yields its base URL and stops it after."""
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    web = _start_web(port, {**stack.env, **extra_env}, stack.log_dir / f"web-{tag}.log")
+    try:
+        _wait(lambda: _web_up(base_url), 60, f"the {tag} daphne's /healthz", [web], stack.log_dir)
+        yield base_url
+    finally:
+        _stop(web)
+
+
 @contextmanager
 def launch_stack(tag: str, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
     """Start Redis (if needed), migrate a fresh SQLite file, then the worker and daphne; stop them after.
@@ -124,18 +149,11 @@ def launch_stack(tag: str, extra_env: dict[str, str] | None = None) -> Iterator[
         env,
         log_dir / "worker.log",
     )
-    web = _start([str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "leafresh.asgi:application"], env, log_dir / "web.log")
+    web = _start_web(port, env, log_dir / "web.log")
     base_url = f"http://127.0.0.1:{port}"
-
-    def web_up() -> bool:
-        try:
-            return httpx.get(base_url + "/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     stack = Stack(base_url, f"ws://127.0.0.1:{port}", base_url, env, client, worker, web, log_dir, prefix)
     try:
-        _wait(web_up, 60, "daphne /healthz", [worker, web], log_dir)
+        _wait(lambda: _web_up(base_url), 60, "daphne /healthz", [worker, web], log_dir)
         _wait(stack.worker_alive, 120, "the GPU worker's heartbeat", [worker, web], log_dir)
         yield stack
     finally:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from inference import batch as batch_module
 from inference.batch import KVBatch
 
 PROMPTS = [
@@ -39,7 +41,9 @@ def test_prompts_prefilled_together_match_prompts_prefilled_alone(loaded_demo) -
             assert torch.allclose(together.logits[row], _alone(model, prompt, 0)[0], atol=1e-4)
 
 
-def test_rows_joining_and_leaving_mid_flight_decode_as_if_alone(loaded_demo) -> None:
+@pytest.mark.parametrize("headroom", [batch_module.HEADROOM, 1], ids=["default-headroom", "headroom-of-one"])
+def test_rows_joining_and_leaving_mid_flight_decode_as_if_alone(loaded_demo, monkeypatch, headroom: int) -> None:
+    monkeypatch.setattr(batch_module, "HEADROOM", headroom)
     model, tokenizer = loaded_demo.model, loaded_demo.tokenizer
     prompts = [_ids(tokenizer, p) for p in PROMPTS]
     steps = 12

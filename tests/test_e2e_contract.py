@@ -17,6 +17,7 @@ from tests.helpers import (
     assert_valid_answer,
     get_sse,
     parse_sse,
+    ws_exchange,
 )
 
 BASE_INFO = "/ai/chatbot/recommendation/base-info"
@@ -140,7 +141,7 @@ def test_six_concurrent_streams_each_end_with_exactly_one_terminal_event(client:
         return get_sse(client, BASE_INFO, {**KOREAN_BASE_INFO, "sessionId": f"c{i}"})
 
     def ws(i: int) -> list[dict]:
-        return _ws_exchange(stack, f"w{i}", {"type": "chat.message", "message": "고기를 줄여 보고 싶어요"})
+        return ws_exchange(stack, f"w{i}", {"type": "chat.message", "message": "고기를 줄여 보고 싶어요"})
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         sse_futures = [pool.submit(sse, i) for i in range(4)]
@@ -158,28 +159,8 @@ def test_six_concurrent_streams_each_end_with_exactly_one_terminal_event(client:
         assert terminal[0]["type"] == "chat.done"
 
 
-def _ws_exchange(stack, session: str, *frames: dict, until: int = 1, timeout: float = 60) -> list[dict]:
-    """Send frames, collect server frames until `until` terminal frames arrived, then 0.3 s more."""
-    received: list[dict] = []
-    with connect(f"{stack.ws_url}/ws/chat/{quote(session)}/", origin=stack.origin, open_timeout=10) as socket:
-        for frame in frames:
-            socket.send(frame if isinstance(frame, str) else json.dumps(frame, ensure_ascii=False))
-        deadline = time.monotonic() + timeout
-        terminals = 0
-        while terminals < until and time.monotonic() < deadline:
-            message = json.loads(socket.recv(timeout=deadline - time.monotonic()))
-            received.append(message)
-            terminals += message["type"] in ("chat.done", "chat.error")
-        try:
-            while True:
-                received.append(json.loads(socket.recv(timeout=0.3)))
-        except TimeoutError:
-            pass
-    return received
-
-
 def test_websocket_base_info_streams_tokens_then_done(stack) -> None:
-    received = _ws_exchange(
+    received = ws_exchange(
         stack, "ws-base", {"type": "chat.base_info", "location": "산", "workType": "현장직", "category": "플로깅"}
     )
     types = [m["type"] for m in received]
@@ -193,7 +174,7 @@ def test_websocket_base_info_streams_tokens_then_done(stack) -> None:
 
 
 def test_websocket_bad_frames_get_400_and_the_socket_stays_usable(stack) -> None:
-    received = _ws_exchange(
+    received = ws_exchange(
         stack,
         "ws-bad",
         "{not json",
@@ -213,14 +194,14 @@ def test_websocket_bad_frames_get_400_and_the_socket_stays_usable(stack) -> None
 
 def test_websocket_second_request_while_one_runs_gets_409(stack) -> None:
     message = {"type": "chat.message", "message": "채식을 시작하고 싶어요"}
-    received = _ws_exchange(stack, "ws-busy", message, message, until=2)
+    received = ws_exchange(stack, "ws-busy", message, message, until=2)
     terminal = [m for m in received if m["type"] in ("chat.done", "chat.error")]
     assert [m.get("status") for m in terminal if m["type"] == "chat.error"] == [409]
     assert [m["type"] for m in terminal].count("chat.done") == 1
 
 
 def test_websocket_stop_ends_the_request_with_one_499_and_nothing_after(stack) -> None:
-    received = _ws_exchange(
+    received = ws_exchange(
         stack, "ws-stop", {"type": "chat.message", "message": "텀블러를 쓰고 싶어요"}, {"type": "chat.stop"}, until=1
     )
     terminal = [m for m in received if m["type"] in ("chat.done", "chat.error")]
@@ -228,7 +209,7 @@ def test_websocket_stop_ends_the_request_with_one_499_and_nothing_after(stack) -
     assert received[-1] is terminal[0], "nothing may follow the terminal frame (0.3 s watched)"
     assert terminal[0]["type"] == "chat.error" and terminal[0]["status"] == 499
     # The socket still serves the next request.
-    again = _ws_exchange(stack, "ws-stop", {"type": "chat.message", "message": "텀블러를 쓰고 싶어요"})
+    again = ws_exchange(stack, "ws-stop", {"type": "chat.message", "message": "텀블러를 쓰고 싶어요"})
     assert again[-1]["type"] == "chat.done"
 
 

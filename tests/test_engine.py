@@ -15,7 +15,7 @@ from chatbot.prompts import build_messages
 from inference.answer import answer_schema
 from inference.engine import Engine
 from inference.render import render_answer
-from inference.sampling import GenerationError, sample_token
+from inference.sampling import GenerationError, RowSampling, sample_batch, sample_token
 from inference.types import FinishReason, GenerationRequest, SamplingParams
 from tests.helpers import assert_deltas_render_answer, assert_valid_answer
 
@@ -239,3 +239,24 @@ def test_an_infinite_logit_with_a_low_temperature_never_draws_a_masked_token() -
             rng=torch.Generator().manual_seed(draw),
         )
         assert token == 0
+
+
+def test_sample_batch_draws_within_top_k_and_top_p_in_proportion() -> None:
+    """Top-k then top-p as transformers orders them; each row's draw from its own generator."""
+    logits = torch.linspace(6.0, -6.0, 300)  # token 0 best, strictly decreasing
+    draws = 3000
+    top_k = [RowSampling(1.0, 3, 1.0, rng=torch.Generator().manual_seed(i)) for i in range(draws)]
+    tokens = sample_batch(logits.repeat(draws, 1), top_k)
+    counts = torch.bincount(torch.tensor(tokens), minlength=300).float() / draws
+    expected = logits[:3].softmax(dim=0)
+    assert counts[3:].sum() == 0, "a token outside the top 3 was drawn"
+    assert torch.allclose(counts[:3], expected, atol=0.03), (counts[:3], expected)
+    # Nucleus: the smallest prefix whose mass reaches top_p, the token that crosses it included.
+    probs = logits.softmax(dim=0)
+    crossing = int((probs.cumsum(dim=0) >= 0.8).nonzero()[0])
+    nucleus = [RowSampling(1.0, 0, 0.8, rng=torch.Generator().manual_seed(i)) for i in range(draws)]
+    drawn = set(sample_batch(logits.repeat(draws, 1), nucleus))
+    assert drawn == set(range(crossing + 1)), (sorted(drawn), crossing)
+    # The same seed draws the same token whatever else is in the batch.
+    alone = sample_batch(logits.repeat(1, 1), [RowSampling(1.0, 3, 1.0, rng=torch.Generator().manual_seed(7))])
+    assert alone == [tokens[7]]
