@@ -13,10 +13,18 @@ with 1 for real tokens; `logits` (B, vocab), the next-token logits of every row.
 Each layer's keys and values are views of buffers with spare columns (`PreallocatedLayer`): a decode
 step writes its one new column in place instead of concatenating the whole cache, which per step
 and layer would copy all B x T cached positions (transformers' DynamicLayer does `torch.cat`).
+
+Prefix caching (as vLLM's automatic prefix caching and SGLang's RadixAttention do, here without
+paging): prompts that begin with the same tokens (the system prompt) reuse that prefix's keys and
+values, computed once (`PrefixCache`), and only their own suffix runs through the model. A row is
+then laid out [padding, prefix, padding, suffix]; the attention mask hides both paddings and the
+position ids count only real tokens, so the result is the same as prefilling the whole prompt.
 """
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict, deque
 from typing import Any
 
 import torch
@@ -100,6 +108,49 @@ class PreallocatedLayer(DynamicLayer):
         self._expose()
 
 
+class PrefixCache:
+    """Keys and values of shared prompt prefixes, learnt from the prompts themselves.
+
+    A prompt whose first tokens equal those of one of the last `recent` prompts for at least
+    `min_tokens` more than any cached prefix already covers has that common prefix cached (one
+    forward pass of the prefix alone); later prompts starting with it prefill only the rest. At most
+    `entries` prefixes are kept, least recently used dropped. Per layer an entry holds keys and
+    values of shape (1, kv_heads, P, head_dim): for Mistral-7B in bf16, 128 KiB per token.
+    """
+
+    def __init__(self, entries: int = 8, min_tokens: int = 16, recent: int = 32) -> None:
+        self.entries: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.min_tokens = min_tokens
+        self._entries_max = entries
+        self._recent: deque[tuple[int, ...]] = deque(maxlen=recent)
+
+    def match(self, ids: list[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """The longest cached prefix of `ids` that leaves at least one token: (length, layers) or (0, None)."""
+        best: tuple[int, ...] = ()
+        for prefix in self.entries:
+            if len(best) < len(prefix) < len(ids) and tuple(ids[: len(prefix)]) == prefix:
+                best = prefix
+        if not best:
+            return 0, None
+        self.entries.move_to_end(best)
+        return len(best), self.entries[best]
+
+    def candidate(self, ids: list[int]) -> int:
+        """Remember `ids`; return the length of a new prefix worth caching (0: none)."""
+        key = tuple(ids)
+        common = max((len(os.path.commonprefix([key, other])) for other in self._recent), default=0)  # noqa: RUF071 - token by token
+        self._recent.append(key)
+        common = min(common, len(ids) - 1)
+        covered, _ = self.match(ids)
+        return common if common - covered >= self.min_tokens else 0
+
+    def add(self, ids: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Cache the prefix `ids` with its per-layer (keys, values)."""
+        self.entries[tuple(ids)] = layers
+        while len(self.entries) > self._entries_max:
+            self.entries.popitem(last=False)
+
+
 def _preallocated(groups: list[list[tuple[torch.Tensor, torch.Tensor]]], width: int) -> DynamicCache:
     """A cache whose layer i holds the row groups' layer i, stacked in order and left-padded to `width`."""
     cache = DynamicCache()
@@ -110,9 +161,10 @@ def _preallocated(groups: list[list[tuple[torch.Tensor, torch.Tensor]]], width: 
 class KVBatch:
     """Rows of cached sequences decoded together. Not thread-safe: the engine thread owns it."""
 
-    def __init__(self, model: Any, device: torch.device) -> None:
+    def __init__(self, model: Any, device: torch.device, prefixes: PrefixCache | None = None) -> None:
         self.model = model
         self.device = device
+        self.prefixes = prefixes if prefixes is not None else PrefixCache()
         self.cache: Any = None
         self.mask: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
@@ -128,16 +180,48 @@ class KVBatch:
         return 0 if self.mask is None else int(self.mask.shape[1])
 
     def prefill(self, prompts: list[list[int]]) -> None:
-        """Run prompts together (left-padded, one forward pass) and append them as the last rows."""
-        width = max(len(ids) for ids in prompts)
-        input_ids = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
-        for row, ids in enumerate(prompts):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, device=self.device)
-            mask[row, width - len(ids) :] = 1
-        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+        """Run prompts together (one forward pass) and append them, in order, as the last rows.
+
+        Each prompt reuses the longest cached prefix it starts with; rows are left-padded so that
+        cached prefixes end in one column and suffixes in the last.
+        """
+        for ids in prompts:
+            length = self.prefixes.candidate(ids)
+            if length:
+                out = self.model(input_ids=torch.tensor([ids[:length]], device=self.device), use_cache=True)
+                self.prefixes.add(ids[:length], _layers(out.past_key_values))
+        matches = [self.prefixes.match(ids) for ids in prompts]
+        cached = max(length for length, _ in matches)
+        width = max(len(ids) - length for ids, (length, _) in zip(prompts, matches, strict=True))
+        rows = len(prompts)
+        input_ids = torch.zeros((rows, width), dtype=torch.long, device=self.device)
+        mask = torch.zeros((rows, cached + width), dtype=torch.long, device=self.device)
+        for row, (ids, (length, _)) in enumerate(zip(prompts, matches, strict=True)):
+            suffix = ids[length:]
+            input_ids[row, width - len(suffix) :] = torch.tensor(suffix, device=self.device)
+            mask[row, cached - length : cached] = 1
+            mask[row, cached + width - len(suffix) :] = 1
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, cached:]
+        past = self._past(matches, cached) if cached else None
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=past, use_cache=True
+        )
         self._append(out.past_key_values, mask, out.logits[:, -1, :].float())
+
+    def _past(self, matches: list[tuple[int, Any]], width: int) -> DynamicCache:
+        """Rows' cached prefixes as one cache, each row's right-aligned in `width` columns (zeros before)."""
+        entries = [entry for _, entry in matches if entry is not None]
+        layers = []
+        for index in range(len(entries[0])):
+            sample_keys, sample_values = entries[0][index]
+            shape = (len(matches), sample_keys.shape[1], width, sample_keys.shape[3])
+            keys, values = sample_keys.new_zeros(shape), sample_values.new_zeros(shape)
+            for row, (length, entry) in enumerate(matches):
+                if entry is not None:
+                    keys[row, :, width - length :] = entry[index][0][0]
+                    values[row, :, width - length :] = entry[index][1][0]
+            layers.append((keys, values))
+        return DynamicCache(ddp_cache_data=layers)
 
     def _append(self, cache: Any, mask: torch.Tensor, logits: torch.Tensor) -> None:
         if self.mask is None:

@@ -92,6 +92,7 @@ class _Sequence:
     completion: str = ""
     unrendered: str = ""  # completion text not yet fed to the renderer
     rendered_at: float = 0.0
+    shown: bool = False  # some rendered text was sent: from then on rendering is rate-limited
     first_token_at: float | None = None
     last_token_at: float = 0.0
 
@@ -373,19 +374,21 @@ class Engine:
         return "continue"
 
     def _emit(self, seq: _Sequence, completion_delta: str, *, force: bool = False) -> None:
-        """Add completion text; render it (a partial-JSON parse) at most every RENDER_INTERVAL_S.
+        """Add completion text; render it (a partial-JSON parse) at most every RENDER_INTERVAL_S once
+        some text was shown, and at every token before that, so the first words leave at once.
 
         The publisher coalesces deltas over a longer interval anyway, so a client sees no difference.
         """
         seq.completion += completion_delta
         seq.unrendered += completion_delta
         now = time.monotonic()
-        if not seq.unrendered or (not force and now - seq.rendered_at < RENDER_INTERVAL_S):
+        if not seq.unrendered or (not force and seq.shown and now - seq.rendered_at < RENDER_INTERVAL_S):
             return
         text = seq.renderer.feed(seq.unrendered)
         seq.unrendered = ""
         seq.rendered_at = now
         if text:
+            seq.shown = True
             self.sink.token(seq.request, text)
 
     def _finish(self, seq: _Sequence) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from chatbot import seed
 from inference import batch as batch_module
 from inference.batch import KVBatch
 
@@ -74,3 +75,27 @@ def test_rows_joining_and_leaving_mid_flight_decode_as_if_alone(loaded_demo, mon
             for prompt_index in rows:
                 seen[prompt_index] += 1
         assert seen[0] == steps and seen[2] == steps and seen[1] < steps
+
+
+def test_prompts_sharing_a_cached_prefix_decode_as_if_prefilled_whole(loaded_demo) -> None:
+    model, tokenizer = loaded_demo.model, loaded_demo.tokenizer
+    system = f"[SYS]{seed.PROMPTS[0]['system']}[/SYS]"
+    prompts = [_ids(tokenizer, system + p) for p in PROMPTS]
+    other = _ids(tokenizer, "[INST]공유하는 앞부분이 없는 프롬프트[/INST]")
+    steps = 6
+    expected = [_alone(model, prompt, steps) for prompt in [*prompts, other]]
+    with torch.inference_mode():
+        batch = KVBatch(model, torch.device("cpu"))
+        batch.prefill([prompts[0]])  # nothing to compare with yet: the whole prompt runs
+        assert not batch.prefixes.entries
+        batch.prefill([prompts[1], other])  # prompts[1] shares the system prompt with prompts[0]
+        (prefix,) = batch.prefixes.entries
+        assert len(prefix) >= batch.prefixes.min_tokens and all(p[: len(prefix)] == list(prefix) for p in prompts)
+        batch.keep([0, 2])  # prompts[1] leaves; prompts[2] joins and reuses the prefix
+        assert batch.prefixes.match(prompts[2])[0] == len(prefix)
+        batch.prefill([prompts[2]])
+        rows = [0, 3, 2]  # index into `expected` per batch row
+        for step in range(steps):
+            for row, index in enumerate(rows):
+                assert torch.allclose(batch.logits[row], expected[index][step], atol=1e-4), (step, index)
+            batch.decode([int(batch.logits[row].argmax()) for row in range(len(rows))])
