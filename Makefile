@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: run test bench setup venv redis migrate model lint clean
+.PHONY: run test bench eval setup venv redis migrate model lint clean
 
 # Reinstall only when requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -47,6 +47,9 @@ $(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.installed
 # Throughput and latency of the engine and the whole stack; writes bench/results/latest.{json,png}.
 bench: setup $(VENV)/.bench-installed
 	$(PY) bench/run.py
+
+eval: setup
+	$(PY) bench/eval.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -44,7 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from tqdm import tqdm  # noqa: E402
 
 from chatbot import seed  # noqa: E402
-from chatbot.prompts import build_messages  # noqa: E402
+from chatbot.demo_corpus import seed_messages  # noqa: E402
 from chatbot.runtime import model_settings  # noqa: E402
 from inference.answer import answer_schema  # noqa: E402
 from inference.engine import Engine  # noqa: E402
@@ -54,7 +54,6 @@ from inference.types import FinishReason, GenerationRequest, SamplingParams  # n
 from tests.stack import launch_stack  # noqa: E402
 
 LABELS = {c["code"]: c["label"] for c in seed.CATEGORIES}
-PROMPTS = {p["mode"]: p for p in seed.PROMPTS}
 SAMPLING = SamplingParams()  # the production defaults (GenerationSettings' defaults)
 
 
@@ -85,9 +84,15 @@ def workload(i: int) -> dict[str, str]:
 
 
 def messages_for(work: dict[str, str]) -> list[dict[str, str]]:
-    prompt = PROMPTS[work["mode"]]
     fields = {k: work[k] for k in ("location", "workType", "category", "message") if k in work}
-    return build_messages(system=prompt["system"], user_template=prompt["user_template"], fields=fields)
+    return seed_messages(work["mode"], fields)
+
+
+def schema_for(work: dict[str, str]) -> dict[str, Any]:
+    """Free text lets the model choose each challenge's category (as the server builds it)."""
+    if work["mode"] == "free_text":
+        return answer_schema(category_codes=[c["code"] for c in seed.CATEGORIES])
+    return answer_schema()
 
 
 def _generate_into(model: Any, kwargs: dict[str, Any], output: list[Any]) -> None:
@@ -141,6 +146,9 @@ class CountingSink:
     def token(self, request: GenerationRequest, text: str) -> None:
         pass
 
+    def challenge(self, request: GenerationRequest, index: int, card: dict[str, str]) -> None:
+        pass
+
     def done(self, request: GenerationRequest, answer: dict, *, usage: dict, timings: dict) -> None:
         self.tokens += usage["completion_tokens"]
         self.ended.release()
@@ -167,9 +175,9 @@ def engine_in_process(loaded: LoadedModel, sessions: int, per_session: int) -> d
                 request_id=f"bench-{sessions}-{i}",
                 group="bench",
                 messages=messages_for(work),
-                schema=answer_schema(),
+                schema=schema_for(work),
                 sampling=SAMPLING,
-                default_category=work["code"],
+                default_category=work["code"] if work["mode"] == "base_info" else None,
                 category_labels=LABELS,
                 created_at=time.time(),
             )

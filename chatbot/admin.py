@@ -1,8 +1,8 @@
-"""Admin registrations for the editors (categories, prompts, generation settings)."""
+"""Admin registrations for the editors (categories, prompts, generation settings, moderation terms)."""
 
 from django.contrib import admin
 
-from chatbot.models import Category, GenerationSettings, PromptTemplate
+from chatbot.models import Category, GenerationSettings, ModerationTerm, PromptTemplate
 
 
 @admin.register(Category)
@@ -21,3 +21,11 @@ class PromptTemplateAdmin(admin.ModelAdmin):
 @admin.register(GenerationSettings)
 class GenerationSettingsAdmin(admin.ModelAdmin):
     list_display = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "updated_at")
+
+
+@admin.register(ModerationTerm)
+class ModerationTermAdmin(admin.ModelAdmin):
+    list_display = ("term", "kind", "is_active")
+    list_editable = ("is_active",)
+    list_filter = ("kind", "is_active")
+    search_fields = ("term",)

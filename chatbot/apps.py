@@ -10,13 +10,13 @@ class ChatbotConfig(AppConfig):
         from django.db import transaction
         from django.db.models.signals import post_delete, post_save
 
-        from chatbot.models import Category, GenerationSettings, PromptTemplate
+        from chatbot.models import Category, GenerationSettings, ModerationTerm, PromptTemplate
         from chatbot.selectors import config_cache_clear
 
         def clear(**kwargs: object) -> None:
             config_cache_clear()  # at once, for this process's next read
             transaction.on_commit(config_cache_clear)  # and after commit, in case a reader re-cached the old row
 
-        for model in (Category, PromptTemplate, GenerationSettings):
+        for model in (Category, PromptTemplate, GenerationSettings, ModerationTerm):
             post_save.connect(clear, sender=model, weak=False, dispatch_uid=f"config-cache-{model.__name__}-save")
             post_delete.connect(clear, sender=model, weak=False, dispatch_uid=f"config-cache-{model.__name__}-delete")

@@ -22,8 +22,13 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from chatbot import contract
 from chatbot.contract import ContractError
 from chatbot.selectors import NotConfiguredError
-from chatbot.services import recommendation_build_base_info, recommendation_build_free_text, recommendation_cancel
-from chatbot.streaming import Ping, recommendation_events
+from chatbot.services import (
+    PresetAnswer,
+    recommendation_build_base_info,
+    recommendation_build_free_text,
+    recommendation_cancel,
+)
+from chatbot.streaming import Ping, answer_events
 from inference.types import GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -32,7 +37,7 @@ STATUS_STOPPED = 499  # "client closed request", as nginx names it
 STOP_WAIT_S = 2.0  # how long `chat.stop` waits for the relay to wind down before answering 499
 
 
-def _build(kind: str, session_id: str, frame: dict[str, Any]) -> GenerationRequest:
+def _build(kind: str, session_id: str, frame: dict[str, Any]) -> GenerationRequest | PresetAnswer:
     if kind == "chat.base_info":
         params = {"sessionId": session_id, **{k: frame.get(k) for k in ("location", "workType", "category")}}
         return recommendation_build_base_info(checked=contract.check_base_info(params))
@@ -104,9 +109,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         active = self.active = _Active(request_id=generation.request_id)
         active.task = asyncio.create_task(self._relay(generation, active))
 
-    async def _relay(self, generation: GenerationRequest, active: _Active) -> None:
+    async def _relay(self, generation: GenerationRequest | PresetAnswer, active: _Active) -> None:
         try:
-            async with aclosing(recommendation_events(generation)) as events:
+            async with aclosing(answer_events(generation)) as events:
                 async for item in events:
                     if active.done:
                         return  # stopped: drop whatever still arrives
@@ -118,6 +123,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                         await self._send(payload)
                     elif kind == "chat.token":
                         await self._send({"type": "chat.token", "seq": item["seq"], "text": item["text"]})
+                    elif kind == "chat.challenge":
+                        await self._send({"type": "chat.challenge", "index": item["index"], "challenge": item["challenge"]})
                     elif kind == "chat.done":
                         active.done = True  # before the send: a stop from now on has nothing to stop
                         await self._send({"type": "chat.done", "data": item["data"]})

@@ -24,6 +24,12 @@ MESSAGE_INTERNAL = "서버 내부 오류가 발생했습니다. 잠시 후 다�
 MESSAGE_BUSY = "이미 답변을 생성하고 있습니다. 끝난 뒤에 다시 보내 주세요."
 MESSAGE_STOPPED = "답변 생성을 중단했습니다."
 MESSAGE_BAD_FRAME = "메시지 형식이 올바르지 않습니다."
+# Replies to free text that gets no recommendation (a completed answer with no challenges).
+REPLY_OFF_TOPIC = (
+    "저는 일상에서 실천할 수 있는 친환경 챌린지를 추천해 드리는 도우미예요. "
+    "환경을 위해 해 보고 싶은 일이나 고민을 말씀해 주시면 알맞은 챌린지를 찾아 드릴게요."
+)
+REPLY_ABUSE = "서로 존중하는 대화를 부탁드려요. 환경을 위해 해 보고 싶은 일을 알려 주시면 알맞은 챌린지를 추천해 드릴게요."
 
 # Maximum lengths in characters (Unicode code points), after trimming surrounding whitespace.
 LIMITS: dict[str, int] = {"sessionId": 100, "location": 50, "workType": 50, "category": 30, "message": 500}

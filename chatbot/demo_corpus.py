@@ -10,13 +10,16 @@ import json
 import random
 
 from chatbot import seed
-from chatbot.prompts import build_messages
+from chatbot.prompts import build_messages, category_list_text, rank_by_keywords
 from inference.demo_model import DemoExample
 
+# The place opens the sentence: the first answer token is the one this small model conditions on the
+# prompt reliably (measured: the place 100%, a work type in second position no better than chance),
+# so the demo names the place and the category and does not guess at the work type.
 BASE_INFO_OPENERS = [
-    "{location}에서 {workType}{euro} 일하시는 분께 어울리는 {label} 챌린지를 추천해 드릴게요.",
-    "{workType}{euro} 일하며 {location}에 사시는 분이 바로 실천할 수 있는 {label} 챌린지예요.",
-    "{location} 생활과 {workType} 일상에 맞춘 {label} 챌린지 세 가지를 골라 봤어요.",
+    "{location}에서 실천하기 좋은 {label} 챌린지를 추천해 드릴게요.",
+    "{location} 생활에 맞춘 {label} 챌린지 세 가지를 골라 봤어요.",
+    "{location}에 사시는 분이 바로 실천할 수 있는 {label} 챌린지예요.",
 ]
 FREE_TEXT_OPENERS = [
     "말씀하신 내용에 맞춰 {label} 챌린지를 추천해 드릴게요.",
@@ -25,30 +28,54 @@ FREE_TEXT_OPENERS = [
 ]
 
 
-def euro(word: str) -> str:
-    """The particle "으로" or "로" for a Korean word: "로" after a vowel or ㄹ, "으로" after other finals.
-
-    Rule: 표준국어대사전, 조사 '으로'. The final consonant of a Hangul syllable is
-    (code point - 0xAC00) % 28 (0 = none, 8 = ㄹ), per the Unicode Hangul syllable composition.
-    """
-    last = word[-1] if word else ""
-    if not "가" <= last <= "힣":
-        return "으로"
-    final = (ord(last) - 0xAC00) % 28
-    return "로" if final in (0, 8) else "으로"
+def seed_messages(mode: str, fields: dict[str, str]) -> list[dict[str, str]]:
+    """Chat messages of the seeded prompt of `mode` (base_info: location, workType, category label;
+    free_text: message). Free text lists the seeded categories as the server lists the active ones:
+    those whose keywords occur in the message first (chatbot.selectors.categories_for_message)."""
+    prompt = next(p for p in seed.PROMPTS if p["mode"] == mode)
+    if mode == "free_text":
+        ranked = [seed.CATEGORIES[i] for i in rank_by_keywords(fields["message"], [c["keywords"] for c in seed.CATEGORIES])]
+        fields = {**fields, "categories": category_list_text([(c["code"], c["label"]) for c in ranked])}
+    return build_messages(system=prompt["system"], user_template=prompt["user_template"], fields=fields)
 
 
-def _completion(rng: random.Random, opener: str, code: str) -> str:
-    picks = rng.sample(seed.CHALLENGE_BANK[code], 3)
-    answer = {"recommend": opener, "challenges": [{"title": t, "description": d} for t, d in picks]}
-    return json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
+def _completion(rng: random.Random, opener: str, code: str, *, with_category: bool) -> str:
+    """The compact JSON answer: three challenges of `code` from the bank; free text (`with_category`)
+    names the category first, as the free-text schema orders it."""
+    bank = seed.CHALLENGE_BANK[code]
+    # In bank order: the next challenge always comes later in the bank, so none is repeated.
+    picks = [bank[i] for i in sorted(rng.sample(range(len(bank)), 3))]
+    challenges = [({"category": code} if with_category else {}) | {"title": t, "description": d} for t, d in picks]
+    return json.dumps({"recommend": opener, "challenges": challenges}, ensure_ascii=False, separators=(",", ":"))
 
 
-def demo_examples(*, seed_value: int = 1234, per_combination: int = 2) -> list[DemoExample]:
+# Free-text messages synthesised from a category's keywords, so that the keyword-ranked category
+# list in the prompt always starts with the answer's category: the demo model learns to follow it.
+FREE_TEXT_TEMPLATES = [
+    "{keyword} 때문에 고민이에요",
+    "요즘 {keyword} 쪽에 관심이 많아요",
+    "{keyword} 관련해서 환경을 위해 할 수 있는 일이 있을까요?",
+    "{keyword} 이야기를 들으니 뭔가 해 보고 싶어요",
+]
+
+
+def free_text_messages(rng: random.Random) -> list[tuple[str, str]]:
+    """(category code, message) pairs for training: the seeded messages and keyword-template
+    messages, kept only where the category leads the keyword ranking (as the server ranks)."""
+    keyword_lists = [c["keywords"] for c in seed.CATEGORIES]
+    pairs = [(code, m) for code, messages in seed.FREE_TEXT_MESSAGES.items() for m in messages]
+    for category in seed.CATEGORIES:
+        for keyword in category["keywords"]:
+            pairs += [(category["code"], t.format(keyword=keyword)) for t in rng.sample(FREE_TEXT_TEMPLATES, 2)]
+    return [
+        (code, message) for code, message in pairs if seed.CATEGORIES[rank_by_keywords(message, keyword_lists)[0]]["code"] == code
+    ]
+
+
+def demo_examples(*, seed_value: int = 1234, per_combination: int = 2, free_text_repeats: int = 2) -> list[DemoExample]:
     """Training examples: every location x work type x category (base-info) `per_combination`
-    times, plus every seeded free-text message 6 times. Deterministic for a given seed."""
+    times, plus every free-text training message `free_text_repeats` times. Deterministic for a given seed."""
     rng = random.Random(seed_value)
-    prompts = {p["mode"]: p for p in seed.PROMPTS}
     labels = {c["code"]: c["label"] for c in seed.CATEGORIES}
     examples: list[DemoExample] = []
     for _ in range(per_combination):
@@ -56,19 +83,13 @@ def demo_examples(*, seed_value: int = 1234, per_combination: int = 2) -> list[D
             for work_type in seed.WORK_TYPES:
                 for code, label in labels.items():
                     fields = {"location": location, "workType": work_type, "category": label}
-                    messages = build_messages(
-                        system=prompts["base_info"]["system"], user_template=prompts["base_info"]["user_template"], fields=fields
-                    )
-                    opener = rng.choice(BASE_INFO_OPENERS).format(label=label, euro=euro(work_type), **fields)
-                    examples.append(DemoExample(messages, _completion(rng, opener, code)))
-    for _ in range(6):
-        for code, messages_for_code in seed.FREE_TEXT_MESSAGES.items():
-            for message in messages_for_code:
-                messages = build_messages(
-                    system=prompts["free_text"]["system"],
-                    user_template=prompts["free_text"]["user_template"],
-                    fields={"message": message},
-                )
-                opener = rng.choice(FREE_TEXT_OPENERS).format(label=labels[code])
-                examples.append(DemoExample(messages, _completion(rng, opener, code)))
+                    messages = seed_messages("base_info", fields)
+                    opener = rng.choice(BASE_INFO_OPENERS).format(label=label, **fields)
+                    examples.append(DemoExample(messages, _completion(rng, opener, code, with_category=False)))
+    free_text = free_text_messages(rng)
+    for _ in range(free_text_repeats):
+        for code, message in free_text:
+            messages = seed_messages("free_text", {"message": message})
+            opener = rng.choice(FREE_TEXT_OPENERS).format(label=labels[code])
+            examples.append(DemoExample(messages, _completion(rng, opener, code, with_category=True)))
     return examples

@@ -17,7 +17,9 @@ class Category(models.Model):
 
     code = models.CharField(max_length=32, unique=True)
     label = models.CharField(max_length=32, unique=True)
-    keywords = models.JSONField(default=list, blank=True, help_text="자유 대화에서 카테고리를 고를 때 쓰는 낱말")
+    keywords = models.JSONField(
+        default=list, blank=True, help_text="자유 대화 메시지에 이 낱말이 있으면 프롬프트의 카테고리 목록에서 앞에 둡니다"
+    )
     order = models.PositiveIntegerField(default=0)
     is_active = models.BooleanField(default=True)
 
@@ -39,7 +41,9 @@ class PromptTemplate(models.Model):
     mode = models.CharField(max_length=16, choices=Mode.choices)
     version = models.PositiveIntegerField()
     system = models.TextField()
-    user_template = models.TextField(help_text="{location} {workType} {category} 또는 {message} 자리표시자를 씁니다")
+    user_template = models.TextField(
+        help_text="기본 정보: {location} {workType} {category}, 자유 대화: {message} {categories} 자리표시자를 씁니다"
+    )
     is_active = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -69,3 +73,26 @@ class GenerationSettings(models.Model):
 
     def __str__(self) -> str:
         return f"temperature={self.temperature} top_p={self.top_p} top_k={self.top_k} max_new_tokens={self.max_new_tokens}"
+
+
+class ModerationTerm(models.Model):
+    """A word that makes a free-text message get a polite reply instead of a recommendation.
+
+    `kind` abuse (a request to keep the conversation respectful) or off_topic (a reminder of what the
+    service is for). Matched as a substring of the message with spaces removed, case-insensitively.
+    """
+
+    class Kind(models.TextChoices):
+        ABUSE = "abuse", "욕설·비하"
+        OFF_TOPIC = "off_topic", "주제 밖"
+
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    term = models.CharField(max_length=50)
+    is_active = models.BooleanField(default=True)
+
+    class Meta:
+        ordering: ClassVar = ["kind", "term"]
+        constraints: ClassVar = [models.UniqueConstraint(fields=["kind", "term"], name="moderation_kind_term_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()}: {self.term}"

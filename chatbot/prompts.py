@@ -8,7 +8,7 @@ interpreted as template syntax.
 from __future__ import annotations
 
 import string
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 
 class PromptTemplateError(ValueError):
@@ -33,3 +33,20 @@ def build_messages(*, system: str, user_template: str, fields: Mapping[str, str]
         raise PromptTemplateError(f"template placeholders without a value: {sorted(missing)}")
     user = user_template.format_map(dict(fields))
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def rank_by_keywords(message: str, keyword_lists: Sequence[Sequence[str]]) -> list[int]:
+    """Indices of `keyword_lists`, most keyword occurrences in `message` first (case-insensitive),
+    ties in the given order."""
+    lowered = message.lower()
+    scores = [sum(lowered.count(str(k).lower()) for k in keywords if k) for keywords in keyword_lists]
+    return sorted(range(len(keyword_lists)), key=lambda i: (-scores[i], i))
+
+
+def category_list_text(categories: Sequence[tuple[str, str]]) -> str:
+    """The free-text prompt's `{categories}` text from (code, label) pairs: the Korean labels, comma-separated.
+
+    The codes stay out of the prompt: the grammar's enum offers only them where a category is
+    written, and a small model given codes in the prompt copied them into its sentences.
+    """
+    return ", ".join(label for _, label in categories)

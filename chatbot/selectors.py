@@ -1,4 +1,4 @@
-"""Reads: categories, the active prompt of a mode, and the generation settings.
+"""Reads: categories, the active prompt of a mode, the generation settings and the moderation terms.
 
 Every request needs them, so they are cached in the process for LEAFRESH_CONFIG_CACHE_S (Django's
 cache framework): an editor's change applies to new requests within that time, without a restart.
@@ -12,12 +12,13 @@ from typing import TypeVar
 from django.conf import settings
 from django.core.cache import cache
 
-from chatbot.models import Category, GenerationSettings, PromptTemplate
+from chatbot.models import Category, GenerationSettings, ModerationTerm, PromptTemplate
+from chatbot.prompts import rank_by_keywords
 
 T = TypeVar("T")
 
 
-CONFIG_KEYS = ("categories", "prompt:base_info", "prompt:free_text", "generation")
+CONFIG_KEYS = ("categories", "prompt:base_info", "prompt:free_text", "generation", "moderation")
 
 
 def config_cache_clear() -> None:
@@ -48,17 +49,14 @@ def category_get_active(*, label_or_code: str) -> Category | None:
     return None
 
 
-def category_for_message(*, message: str) -> Category:
-    """The active category whose keywords occur most often in a free-text message (first on ties).
-
-    Raises NotConfiguredError when no category is active.
-    """
+def categories_for_message(*, message: str) -> list[Category]:
+    """The active categories, those whose keywords occur most often in the message first (then in
+    display order): the list a free-text prompt offers the model. Raises NotConfiguredError when
+    no category is active."""
     categories = category_list_active()
     if not categories:
         raise NotConfiguredError("no active category")
-    lowered = message.lower()
-    scores = [sum(lowered.count(str(k).lower()) for k in c.keywords or [] if k) for c in categories]
-    return categories[max(range(len(categories)), key=lambda i: (scores[i], -i))]
+    return [categories[i] for i in rank_by_keywords(message, [c.keywords or [] for c in categories])]
 
 
 def prompt_get_active(*, mode: str) -> PromptTemplate:
@@ -72,3 +70,17 @@ def prompt_get_active(*, mode: str) -> PromptTemplate:
 def generation_settings_get() -> GenerationSettings:
     """The generation settings row, created with defaults on first use."""
     return _cached("generation", lambda: GenerationSettings.objects.get_or_create(pk=1)[0])
+
+
+def moderation_terms() -> dict[str, list[str]]:
+    """Active moderation terms by kind (`abuse`, `off_topic`), normalised: lowercase, no spaces."""
+
+    def load() -> dict[str, list[str]]:
+        terms: dict[str, list[str]] = {kind: [] for kind in ModerationTerm.Kind.values}
+        for kind, term in ModerationTerm.objects.filter(is_active=True).values_list("kind", "term"):
+            normalised = "".join(term.lower().split())
+            if normalised:
+                terms[kind].append(normalised)
+        return terms
+
+    return _cached("moderation", load)

@@ -8,18 +8,21 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 from django.conf import settings
 
+from chatbot import contract
 from chatbot.contract import BaseInfoInput, ContractError, FreeTextInput
-from chatbot.prompts import build_messages
+from chatbot.prompts import build_messages, category_list_text
 from chatbot.selectors import (
-    category_for_message,
+    categories_for_message,
     category_get_active,
     category_list_active,
     generation_settings_get,
+    moderation_terms,
     prompt_get_active,
 )
 from inference.answer import answer_schema
@@ -44,13 +47,39 @@ def _sampling() -> SamplingParams:
     )
 
 
-def _request(*, session_id: str, messages: list[dict[str, str]], category_code: str) -> GenerationRequest:
+@dataclass(frozen=True)
+class PresetAnswer:
+    """An answer given without generating: a polite reply to an off-topic or abusive message.
+
+    `answer` is a close payload's `data` with an empty challenge list; `reason` is `off_topic` or
+    `abuse`. It streams like a generated answer: one text delta, then the close.
+    """
+
+    request_id: str
+    answer: dict[str, Any]
+    reason: str
+
+
+def moderation_verdict(*, message: str) -> str | None:
+    """`abuse` or `off_topic` when the message contains an active term of that kind (spaces removed,
+    case-insensitive; abuse checked first), else None."""
+    normalised = "".join(message.lower().split())
+    terms = moderation_terms()
+    for kind in ("abuse", "off_topic"):
+        if any(term in normalised for term in terms.get(kind, [])):
+            return kind
+    return None
+
+
+def _request(
+    *, session_id: str, messages: list[dict[str, str]], category_code: str | None, category_codes: list[str] | None = None
+) -> GenerationRequest:
     labels = {c.code: c.label for c in category_list_active()}
     return GenerationRequest(
         request_id=uuid.uuid4().hex,
         group=session_group_name(session_id),
         messages=messages,
-        schema=answer_schema(),
+        schema=answer_schema(category_codes=category_codes),
         sampling=_sampling(),
         default_category=category_code,
         category_labels=labels,
@@ -75,16 +104,24 @@ def recommendation_build_base_info(*, checked: BaseInfoInput) -> GenerationReque
     return _request(session_id=checked.session_id, messages=messages, category_code=category.code)
 
 
-def recommendation_build_free_text(*, checked: FreeTextInput) -> GenerationRequest:
-    """The generation request for a free-text recommendation (reads the database).
+def recommendation_build_free_text(*, checked: FreeTextInput) -> GenerationRequest | PresetAnswer:
+    """The generation request for a free-text recommendation (reads the database), or a polite
+    PresetAnswer when the message is abusive or off-topic (moderation terms in the database).
 
-    The challenges' category is the active category whose keywords best match the message.
-    Raises selectors.NotConfiguredError when the mode has no active prompt or no category is active.
+    The model chooses each challenge's category from the active categories (an enum in the
+    grammar); the prompt lists them, those the message's keywords suggest first. Raises
+    selectors.NotConfiguredError when the mode has no active prompt or no category is active.
     """
-    category = category_for_message(message=checked.message)
+    verdict = moderation_verdict(message=checked.message)
+    if verdict is not None:
+        reply = contract.REPLY_ABUSE if verdict == "abuse" else contract.REPLY_OFF_TOPIC
+        return PresetAnswer(request_id=uuid.uuid4().hex, answer={"recommend": reply, "challenges": []}, reason=verdict)
+    categories = categories_for_message(message=checked.message)
     prompt = prompt_get_active(mode="free_text")
-    messages = build_messages(system=prompt.system, user_template=prompt.user_template, fields={"message": checked.message})
-    return _request(session_id=checked.session_id, messages=messages, category_code=category.code)
+    fields = {"message": checked.message, "categories": category_list_text([(c.code, c.label) for c in categories])}
+    messages = build_messages(system=prompt.system, user_template=prompt.user_template, fields=fields)
+    codes = [c.code for c in category_list_active()]  # display order: one grammar for every message
+    return _request(session_id=checked.session_id, messages=messages, category_code=None, category_codes=codes)
 
 
 def recommendation_dispatch(*, request: GenerationRequest) -> None:

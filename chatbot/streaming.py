@@ -28,7 +28,7 @@ from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
 
 from chatbot import contract
-from chatbot.services import recommendation_cancel, recommendation_dispatch, worker_alive
+from chatbot.services import PresetAnswer, recommendation_cancel, recommendation_dispatch, worker_alive
 from inference.types import TERMINAL_TYPES, FinishReason, GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -205,3 +205,25 @@ async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dic
             await asyncio.shield(layer.group_discard(request.group, channel))
         except BaseException:  # noqa: BLE001
             pass
+
+
+async def preset_events(preset: PresetAnswer) -> AsyncIterator[dict[str, Any]]:
+    """A PresetAnswer as the events of a generated one: one `chat.token` with the reply, then `chat.done`."""
+    text = preset.answer["recommend"]
+    yield {"type": "chat.token", "request_id": preset.request_id, "seq": 1, "text": text}
+    yield {
+        "type": "chat.done",
+        "request_id": preset.request_id,
+        "seq": 2,
+        "data": preset.answer,
+        "finish_reason": FinishReason.STOP.value,
+        "usage": {"prompt_tokens": 0, "completion_tokens": 0},
+        "timings": {},
+    }
+
+
+def answer_events(item: GenerationRequest | PresetAnswer) -> AsyncIterator[dict[str, Any] | Ping]:
+    """The events of a recommendation: generated (`recommendation_events`) or preset (`preset_events`)."""
+    if isinstance(item, PresetAnswer):
+        return preset_events(item)
+    return recommendation_events(item)

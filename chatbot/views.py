@@ -21,8 +21,8 @@ from django.views.decorators.http import require_GET
 from chatbot import contract, sse
 from chatbot.contract import ContractError
 from chatbot.selectors import NotConfiguredError, category_list_active
-from chatbot.services import recommendation_build_base_info, recommendation_build_free_text
-from chatbot.streaming import Ping, recommendation_events
+from chatbot.services import PresetAnswer, recommendation_build_base_info, recommendation_build_free_text
+from chatbot.streaming import Ping, answer_events
 from inference.types import GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -45,17 +45,22 @@ def _params(request: HttpRequest) -> dict[str, Any]:
     return body
 
 
-async def _sse_body(generation: GenerationRequest) -> AsyncIterator[bytes]:
-    """The event stream: `challenge` deltas, then exactly one `close` or `error`, then the end."""
+async def _sse_body(generation: GenerationRequest | PresetAnswer) -> AsyncIterator[bytes]:
+    """The event stream: `challenge` deltas, then exactly one `close` or `error`, then the end.
+
+    Other events (`chat.queued`, the WebSocket's `chat.challenge` cards) are not part of the SSE contract.
+    """
     last_id = 0
     try:
-        async with aclosing(recommendation_events(generation)) as events:
+        async with aclosing(answer_events(generation)) as events:
             async for item in events:
                 if isinstance(item, Ping):
                     yield sse.PING
                     continue
-                last_id = int(item["seq"])
                 kind = item["type"]
+                if kind not in ("chat.token", "chat.done", "chat.error"):
+                    continue
+                last_id = int(item["seq"])
                 if kind == "chat.token":
                     data = contract.envelope(200, contract.MESSAGE_TOKEN, item["text"])
                     yield sse.encode_event(event_id=last_id, event="challenge", data=data)
@@ -78,10 +83,10 @@ def _json(payload: dict[str, Any], status: int = 200, headers: dict[str, str] | 
     return JsonResponse(payload, status=status, headers=headers, json_dumps_params={"ensure_ascii": False})
 
 
-async def _answer_json(generation: GenerationRequest) -> JsonResponse:
+async def _answer_json(generation: GenerationRequest | PresetAnswer) -> JsonResponse:
     """Wait for the terminal event and answer one JSON document."""
     headers = {REQUEST_ID_HEADER: generation.request_id}
-    async with aclosing(recommendation_events(generation)) as events:
+    async with aclosing(answer_events(generation)) as events:
         async for item in events:
             if isinstance(item, Ping):
                 continue
@@ -93,7 +98,7 @@ async def _answer_json(generation: GenerationRequest) -> JsonResponse:
     return _json(contract.envelope(500, contract.MESSAGE_INTERNAL, None), status=500, headers=headers)
 
 
-async def _recommend(request: HttpRequest, build: Callable[[dict[str, Any]], GenerationRequest]) -> HttpResponse:
+async def _recommend(request: HttpRequest, build: Callable[[dict[str, Any]], GenerationRequest | PresetAnswer]) -> HttpResponse:
     if request.method not in ("GET", "POST"):
         message = "GET(SSE) 또는 POST(JSON)만 지원합니다."
         return _json(contract.envelope(405, message, None), status=405, headers={"Allow": "GET, POST"})

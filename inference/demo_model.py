@@ -49,7 +49,7 @@ class DemoTrainingConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 1024
-    steps: int = 900
+    steps: int = 1200
     batch_size: int = 8
     learning_rate: float = 3e-3
     seed: int = 1234

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 import xgrammar as xgr
 
-from inference.answer import answer_schema, finalize_answer
+from inference.answer import answer_schema, challenge_card, finalize_answer
 from inference.batch import KVBatch
 from inference.detokenize import IncrementalDetokenizer
 from inference.loading import LoadedModel
@@ -59,6 +59,9 @@ class EventSink(Protocol):
 
     def token(self, request: GenerationRequest, text: str) -> None:
         """More human-readable answer text (a delta of the rendering, never JSON syntax)."""
+
+    def challenge(self, request: GenerationRequest, index: int, card: dict[str, str]) -> None:
+        """Challenge `index` (0-based) is complete: `card` is what the close payload will hold there."""
 
     def done(
         self,
@@ -390,6 +393,10 @@ class Engine:
         if text:
             seq.shown = True
             self.sink.token(seq.request, text)
+        request = seq.request
+        for index, item in seq.renderer.completed():
+            card = challenge_card(item, default_category=request.default_category, category_labels=request.category_labels)
+            self.sink.challenge(request, index, card)
 
     def _finish(self, seq: _Sequence) -> None:
         request = seq.request
@@ -397,13 +404,15 @@ class Engine:
             answer = finalize_answer(
                 seq.completion, default_category=request.default_category, category_labels=request.category_labels
             )
-            tail = seq.renderer.finish(answer)
+            tail, remaining = seq.renderer.finish(answer)
         except ValueError:
             logger.exception("completion of request %s is not a valid answer", request.request_id)
             self._fail_seq(seq, FinishReason.ERROR, 500, MESSAGE_ERROR)
             return
         if tail:
             self.sink.token(request, tail)
+        for index in remaining:
+            self.sink.challenge(request, index, answer["challenges"][index])
         now = time.time()
         first = seq.first_token_at or now
         timings = {

@@ -25,7 +25,15 @@ from typing import Any
 
 from tenacity import AsyncRetrying, stop_after_attempt, wait_exponential
 
-from inference.types import DoneEvent, ErrorEvent, FinishReason, GenerationRequest, QueuedEvent, TokenEvent
+from inference.types import (
+    ChallengeEvent,
+    DoneEvent,
+    ErrorEvent,
+    FinishReason,
+    GenerationRequest,
+    QueuedEvent,
+    TokenEvent,
+)
 
 logger = logging.getLogger(__name__)
 FINISHED_MEMORY = 10_000  # how many ended request ids are remembered to drop their late events
@@ -92,7 +100,8 @@ class _Stream:
 class EventTuples:
     """An EventSink that turns each event into a plain, picklable message for `put`:
     `("queued", request_id, group, position)`, `("token", request_id, group, text)`,
-    `("terminal", request_id, group, event)`, `("discard", request_id)`."""
+    `("challenge", request_id, group, index, card)`, `("terminal", request_id, group, event)`,
+    `("discard", request_id)`."""
 
     def put(self, item: tuple[Any, ...]) -> None:
         """Deliver one message (subclasses: onto a loop, or down a pipe)."""
@@ -103,6 +112,9 @@ class EventTuples:
 
     def token(self, request: GenerationRequest, text: str) -> None:
         self.put(("token", request.request_id, request.group, text))
+
+    def challenge(self, request: GenerationRequest, index: int, card: dict[str, str]) -> None:
+        self.put(("challenge", request.request_id, request.group, index, card))
 
     def done(
         self, request: GenerationRequest, answer: dict[str, Any], *, usage: dict[str, int], timings: dict[str, float]
@@ -156,7 +168,13 @@ class ChannelLayerPublisher(EventTuples):
     def put(self, item: tuple[Any, ...]) -> None:
         """Handle one message from `EventTuples` on the publisher's loop."""
         kind, *args = item
-        handler = {"queued": self._queued, "token": self._token, "terminal": self._terminal, "discard": self._discard}[kind]
+        handler = {
+            "queued": self._queued,
+            "token": self._token,
+            "challenge": self._challenge,
+            "terminal": self._terminal,
+            "discard": self._discard,
+        }[kind]
         self.loop_thread.call(handler, *args)
 
     def drain(self, timeout: float = 5.0) -> None:
@@ -234,6 +252,14 @@ class ChannelLayerPublisher(EventTuples):
             stream.pending = ""
             stream.tokens_sent += 1
             self._enqueue(stream, dict(event))
+
+    def _challenge(self, request_id: str, group: str, index: int, card: dict[str, str]) -> None:
+        stream = self._stream(request_id, group)
+        if stream is None:
+            return
+        self._flush_stream(stream)  # the card follows the text it completes
+        event: ChallengeEvent = {"type": "chat.challenge", "request_id": request_id, "seq": 0, "index": index, "challenge": card}
+        self._enqueue(stream, dict(event))
 
     def _terminal(self, request_id: str, group: str, event: dict[str, Any]) -> None:
         stream = self._stream(request_id, group)

@@ -117,6 +117,17 @@ class TokenEvent(TypedDict):
     text: str
 
 
+class ChallengeEvent(TypedDict):
+    """One challenge is complete (0-based `index`): the card the WebSocket widget draws before the
+    answer ends. The same object as the close payload's `challenges[index]`."""
+
+    type: Literal["chat.challenge"]
+    request_id: str
+    seq: int
+    index: int
+    challenge: Challenge
+
+
 class DoneEvent(TypedDict):
     """Terminal success: the full answer, usage (tokens) and timings (seconds)."""
 

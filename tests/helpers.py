@@ -11,7 +11,11 @@ from urllib.parse import quote
 import httpx
 from websockets.sync.client import connect
 
+from chatbot import seed
+from inference.answer import DESCRIPTION_MAX_CHARS, RECOMMEND_MAX_CHARS, TITLE_MAX_CHARS
 from inference.render import render_answer
+
+LABELS = {c["code"]: c["label"] for c in seed.CATEGORIES}
 
 TERMINAL = {"close", "error"}
 
@@ -89,12 +93,16 @@ def assert_one_terminal_last(stream: SSEStream) -> None:
 
 
 def assert_valid_answer(answer: dict[str, Any], *, category: str | None = None) -> None:
-    """The close payload: a recommendation and three challenges with category code and Korean label."""
+    """The close payload: a recommendation and three challenges with a seeded category code, its
+    Korean label, and texts within their bounds."""
     assert isinstance(answer["recommend"], str) and answer["recommend"].strip()
+    assert len(answer["recommend"]) <= RECOMMEND_MAX_CHARS + 1
     assert len(answer["challenges"]) == 3
     for challenge in answer["challenges"]:
         assert set(challenge) == {"title", "description", "category", "label"}, challenge
         assert challenge["title"].strip() and challenge["description"].strip()
+        assert len(challenge["title"]) <= TITLE_MAX_CHARS + 1 and len(challenge["description"]) <= DESCRIPTION_MAX_CHARS + 1
+        assert challenge["label"] == LABELS.get(challenge["category"]), challenge
         if category is not None:
             assert challenge["category"] == category
 

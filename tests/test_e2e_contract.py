@@ -11,6 +11,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
+from chatbot import contract
 from tests.helpers import (
     assert_deltas_render_answer,
     assert_one_terminal_last,
@@ -74,15 +75,30 @@ def test_category_code_is_accepted_as_well_as_label(client: httpx.Client) -> Non
     assert_valid_answer(stream.terminal.data["data"], category="PLOGGING")
 
 
-def test_free_text_sse_completes_with_keyword_category(client: httpx.Client) -> None:
+def test_free_text_sse_completes_with_categories_the_model_chose(client: httpx.Client) -> None:
     stream = get_sse(
         client, FREE_TEXT, {"sessionId": "e2e-free", "message": "요즘 전기 요금이 너무 많이 나와서 에너지를 아끼고 싶어요"}
     )
     assert_one_terminal_last(stream)
     assert stream.terminal.event == "close"
     answer = stream.terminal.data["data"]
-    assert_valid_answer(answer, category="ENERGY_SAVING")
+    assert_valid_answer(answer)  # each category one of the active ones, with its label
     assert_deltas_render_answer(stream.text, answer)
+
+
+@pytest.mark.parametrize(
+    ("message", "reply"),
+    [("비트코인 시세 알려 주세요", contract.REPLY_OFF_TOPIC), ("이 병신 같은 챗봇", contract.REPLY_ABUSE)],
+    ids=["off-topic", "abuse"],
+)
+def test_off_topic_and_abusive_free_text_gets_a_polite_completed_answer(client: httpx.Client, message: str, reply: str) -> None:
+    stream = get_sse(client, FREE_TEXT, {"sessionId": "e2e-moderation", "message": message})
+    assert_one_terminal_last(stream)
+    assert stream.terminal.event == "close" and stream.terminal.data["status"] == 200
+    assert stream.terminal.data["data"] == {"recommend": reply, "challenges": []}
+    assert stream.text == reply
+    posted = client.post(FREE_TEXT, json={"sessionId": "e2e-moderation", "message": message}).json()
+    assert posted["data"] == {"recommend": reply, "challenges": []}
 
 
 def test_post_answers_one_json_document(client: httpx.Client) -> None:
@@ -157,6 +173,22 @@ def test_six_concurrent_streams_each_end_with_exactly_one_terminal_event(client:
         terminal = [f for f in received if f["type"] in ("chat.done", "chat.error")]
         assert len(terminal) == 1 and received[-1] is terminal[0]
         assert terminal[0]["type"] == "chat.done"
+
+
+def test_websocket_sends_each_challenge_card_as_soon_as_it_is_complete(stack) -> None:
+    received = ws_exchange(stack, "ws-cards", {"type": "chat.message", "message": "분리배출을 제대로 하고 싶어요"})
+    assert received[-1]["type"] == "chat.done"
+    answer = received[-1]["data"]
+    cards = [m for m in received if m["type"] == "chat.challenge"]
+    assert [c["index"] for c in cards] == [0, 1, 2]
+    assert [c["challenge"] for c in cards] == answer["challenges"]
+    types = [m["type"] for m in received]
+    # The first two cards arrive while the answer is still streaming (before its last text).
+    last_token = max(i for i, t in enumerate(types) if t == "chat.token")
+    assert types.index("chat.challenge") < last_token
+    abuse = ws_exchange(stack, "ws-cards", {"type": "chat.message", "message": "닥쳐"})
+    assert [m["type"] for m in abuse] == ["chat.token", "chat.done"]
+    assert abuse[-1]["data"] == {"recommend": contract.REPLY_ABUSE, "challenges": []}
 
 
 def test_websocket_base_info_streams_tokens_then_done(stack) -> None:

@@ -42,6 +42,9 @@ class ListSink:
     def token(self, request: GenerationRequest, text: str) -> None:
         self.events.append(("token", request.request_id, text))
 
+    def challenge(self, request: GenerationRequest, index: int, card: dict[str, str]) -> None:
+        self.events.append(("challenge", request.request_id, (index, card)))
+
     def done(self, request: GenerationRequest, answer: dict, *, usage: dict, timings: dict) -> None:
         self.events.append(("done", request.request_id, {"answer": answer, "usage": usage, "timings": timings}))
         self._end()

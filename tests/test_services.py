@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from chatbot import contract
 from chatbot.contract import ContractError, check_base_info, check_free_text
-from chatbot.models import Category, PromptTemplate
+from chatbot.models import Category, ModerationTerm, PromptTemplate
 from chatbot.prompts import PromptTemplateError, build_messages
-from chatbot.services import recommendation_build_base_info, recommendation_build_free_text, session_group_name
+from chatbot.services import (
+    PresetAnswer,
+    recommendation_build_base_info,
+    recommendation_build_free_text,
+    session_group_name,
+)
+from inference.types import GenerationRequest
 
 pytestmark = pytest.mark.django_db
 
@@ -48,12 +55,54 @@ def test_an_inactive_category_is_rejected_without_a_restart() -> None:
     assert excinfo.value.invalid_fields == ["category"]
 
 
-def test_free_text_category_follows_the_message_keywords() -> None:
+def test_free_text_lets_the_model_choose_among_the_active_categories_keyword_matches_listed_first() -> None:
     request = recommendation_build_free_text(
         checked=check_free_text({"sessionId": "s", "message": "이메일이랑 클라우드 정리를 하고 싶어요"})
     )
-    assert request.default_category == "DIGITAL_CARBON"
-    assert "이메일이랑" in request.messages[1]["content"]
+    assert isinstance(request, GenerationRequest) and request.default_category is None
+    enum = request.schema["properties"]["challenges"]["items"]["properties"]["category"]["enum"]
+    assert enum == list(Category.objects.filter(is_active=True).values_list("code", flat=True))
+    user = request.messages[1]["content"]
+    assert "이메일이랑" in user and "카테고리 목록: 디지털 탄소, 제로웨이스트, 플로깅" in user
+    # Deactivating a category takes it out of the enum, the prompt and the labels, without a restart.
+    vegan = Category.objects.get(code="VEGAN")
+    vegan.is_active = False
+    vegan.save()
+    request = recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": "채식 식단"}))
+    assert "VEGAN" not in request.schema["properties"]["challenges"]["items"]["properties"]["category"]["enum"]
+    assert "비건" not in request.messages[1]["content"] and "VEGAN" not in request.category_labels
+    Category.objects.create(code="WATER", label="물 절약", order=99)
+    request = recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": "샤워 시간을 줄이고 싶어요"}))
+    assert "WATER" in request.schema["properties"]["challenges"]["items"]["properties"]["category"]["enum"]
+    assert request.category_labels["WATER"] == "물 절약" and "물 절약" in request.messages[1]["content"]
+
+
+@pytest.mark.parametrize(
+    ("message", "reason", "reply"),
+    [
+        ("비트코인 지금 사도 될까요?", "off_topic", contract.REPLY_OFF_TOPIC),
+        ("이 시 발 뭐야", "abuse", contract.REPLY_ABUSE),  # spaces do not hide a term
+        ("FUCK 환경", "abuse", contract.REPLY_ABUSE),
+    ],
+)
+def test_off_topic_and_abusive_messages_get_a_polite_preset_answer(message: str, reason: str, reply: str) -> None:
+    answer = recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": message}))
+    assert isinstance(answer, PresetAnswer) and answer.reason == reason
+    assert answer.answer == {"recommend": reply, "challenges": []}
+
+
+def test_moderation_terms_are_edited_in_the_database_without_a_restart() -> None:
+    message = "점심 메뉴 추천해 주세요"
+    assert isinstance(
+        recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": message})), GenerationRequest
+    )
+    term = ModerationTerm.objects.create(kind="off_topic", term="점심 메뉴")
+    assert recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": message})).reason == "off_topic"
+    term.is_active = False
+    term.save()
+    assert isinstance(
+        recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": message})), GenerationRequest
+    )
 
 
 def test_user_text_is_substituted_as_text_not_as_template_syntax() -> None:
