@@ -14,7 +14,7 @@ several seeds. Reports:
 - `median_answer_chars`: the rendered answer's length;
 - further, informative only: the base-info recommendation naming the asked place / work type,
   free-text challenges in the category the message's keywords suggest (the prompt lists it first)
-  and in the category the message was written for, and recommendation sentences in Korean;
+  and in the category the message was written for, and recommendations that are Korean sentences;
 - three sample answers.
 
 Writes bench/results/eval.json and bench/results/eval.md (the README's report).
@@ -185,6 +185,12 @@ async def _run_all(base_url: str, items: list[dict[str, Any]], concurrency: int)
         return await asyncio.gather(*(bounded(i, item) for i, item in enumerate(items)))
 
 
+def _is_korean_sentence(text: str) -> bool:
+    """Hangul, more than one word, and sentence-final punctuation (not a bare code or title)."""
+    stripped = text.strip()
+    return any("가" <= ch <= "힣" for ch in stripped) and " " in stripped and stripped[-1:] in ".!?"
+
+
 def _share(hits: int, total: int) -> float:
     return round(hits / total, 4) if total else 0.0
 
@@ -210,7 +216,7 @@ def evaluate(results: list[dict[str, Any]]) -> dict[str, Any]:
             for c in r["terminal"][1]["data"]["challenges"]
         )
     ]
-    korean = [r for r in valid if any("가" <= ch <= "힣" for ch in r["terminal"][1]["data"]["recommend"])]
+    korean = [r for r in valid if _is_korean_sentence(r["terminal"][1]["data"]["recommend"])]
     intended = [r for r in free_valid if all(c["category"] == r["code"] for c in r["terminal"][1]["data"]["challenges"])]
     problems: dict[str, int] = {}
     for r in results:
@@ -265,7 +271,7 @@ def markdown(report: dict[str, Any], sample_answers: list[dict[str, Any]], meta:
             f"{report['free_text_in_intended_category_share']:.1%}",
             "",
         ),
-        ("recommendation sentence in Korean (not a bare code)", f"{report['korean_recommendation_share']:.1%}", ""),
+        ("recommendation is a Korean sentence (not a bare title or code)", f"{report['korean_recommendation_share']:.1%}", ""),
     ]
     lines = [
         f"{report['requests']} requests ({report['base_info']} base-info, {report['free_text']} free-text), "

@@ -91,7 +91,7 @@ def messages_for(work: dict[str, str]) -> list[dict[str, str]]:
 def schema_for(work: dict[str, str]) -> dict[str, Any]:
     """Free text lets the model choose each challenge's category (as the server builds it)."""
     if work["mode"] == "free_text":
-        return answer_schema(category_codes=[c["code"] for c in seed.CATEGORIES])
+        return answer_schema(category_labels=[c["label"] for c in seed.CATEGORIES])
     return answer_schema()
 
 

@@ -10,6 +10,7 @@ or an unknown type gets `chat.error` 400 and the socket stays open.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from contextlib import aclosing
@@ -38,12 +39,15 @@ STOP_WAIT_S = 2.0  # how long `chat.stop` waits for the relay to wind down befor
 
 
 def _build(kind: str, session_id: str, frame: dict[str, Any]) -> GenerationRequest | PresetAnswer:
+    """The recommendation a frame asks for; generated ones send a card as each challenge completes."""
     if kind == "chat.base_info":
         params = {"sessionId": session_id, **{k: frame.get(k) for k in ("location", "workType", "category")}}
-        return recommendation_build_base_info(checked=contract.check_base_info(params))
-    return recommendation_build_free_text(
-        checked=contract.check_free_text({"sessionId": session_id, "message": frame.get("message")})
-    )
+        built = recommendation_build_base_info(checked=contract.check_base_info(params))
+    else:
+        built = recommendation_build_free_text(
+            checked=contract.check_free_text({"sessionId": session_id, "message": frame.get("message")})
+        )
+    return dataclasses.replace(built, challenge_cards=True) if isinstance(built, GenerationRequest) else built
 
 
 @dataclass

@@ -41,11 +41,12 @@ def seed_messages(mode: str, fields: dict[str, str]) -> list[dict[str, str]]:
 
 def _completion(rng: random.Random, opener: str, code: str, *, with_category: bool) -> str:
     """The compact JSON answer: three challenges of `code` from the bank; free text (`with_category`)
-    names the category first, as the free-text schema orders it."""
+    names the category (its label) first, as the free-text schema orders it."""
     bank = seed.CHALLENGE_BANK[code]
     # In bank order: the next challenge always comes later in the bank, so none is repeated.
     picks = [bank[i] for i in sorted(rng.sample(range(len(bank)), 3))]
-    challenges = [({"category": code} if with_category else {}) | {"title": t, "description": d} for t, d in picks]
+    label = next(c["label"] for c in seed.CATEGORIES if c["code"] == code)
+    challenges = [({"category": label} if with_category else {}) | {"title": t, "description": d} for t, d in picks]
     return json.dumps({"recommend": opener, "challenges": challenges}, ensure_ascii=False, separators=(",", ":"))
 
 

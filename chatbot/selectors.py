@@ -49,11 +49,12 @@ def category_get_active(*, label_or_code: str) -> Category | None:
     return None
 
 
-def categories_for_message(*, message: str) -> list[Category]:
-    """The active categories, those whose keywords occur most often in the message first (then in
-    display order): the list a free-text prompt offers the model. Raises NotConfiguredError when
-    no category is active."""
-    categories = category_list_active()
+def categories_for_message(*, message: str, categories: list[Category] | None = None) -> list[Category]:
+    """`categories` (default: the active ones), those whose keywords occur most often in the message
+    first, then in display order: the list a free-text prompt offers the model. Raises
+    NotConfiguredError when there is none."""
+    if categories is None:
+        categories = category_list_active()
     if not categories:
         raise NotConfiguredError("no active category")
     return [categories[i] for i in rank_by_keywords(message, [c.keywords or [] for c in categories])]
@@ -73,12 +74,12 @@ def generation_settings_get() -> GenerationSettings:
 
 
 def moderation_terms() -> dict[str, list[str]]:
-    """Active moderation terms by kind (`abuse`, `off_topic`), normalised: lowercase, no spaces."""
+    """Active moderation terms by kind (`abuse`, `off_topic`), normalised: lowercase, single spaces."""
 
     def load() -> dict[str, list[str]]:
         terms: dict[str, list[str]] = {kind: [] for kind in ModerationTerm.Kind.values}
         for kind, term in ModerationTerm.objects.filter(is_active=True).values_list("kind", "term"):
-            normalised = "".join(term.lower().split())
+            normalised = " ".join(term.lower().split())
             if normalised:
                 terms[kind].append(normalised)
         return terms

@@ -6,6 +6,7 @@ Adapters (SSE views, the WebSocket consumer) call these; they hold no logic of t
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from chatbot import contract
 from chatbot.contract import BaseInfoInput, ContractError, FreeTextInput
 from chatbot.prompts import build_messages, category_list_text
 from chatbot.selectors import (
+    NotConfiguredError,
     categories_for_message,
     category_get_active,
     category_list_active,
@@ -61,25 +63,35 @@ class PresetAnswer:
 
 
 def moderation_verdict(*, message: str) -> str | None:
-    """`abuse` or `off_topic` when the message contains an active term of that kind (spaces removed,
-    case-insensitive; abuse checked first), else None."""
-    normalised = "".join(message.lower().split())
+    """`abuse` or `off_topic` when an active term of that kind begins a word of the message
+    (case-insensitive; a term of several words matches them in sequence; abuse checked first), else None.
+
+    Word starts, not substrings: Korean words carry particles ("비트코인을"), but a term inside a
+    word ("시발점", "페트병 신발" without spaces) must not match.
+    """
+    text = " ".join(message.lower().split())
     terms = moderation_terms()
     for kind in ("abuse", "off_topic"):
-        if any(term in normalised for term in terms.get(kind, [])):
+        if any(re.search(r"(?<!\w)" + re.escape(term), text) for term in terms.get(kind, [])):
             return kind
     return None
 
 
 def _request(
-    *, session_id: str, messages: list[dict[str, str]], category_code: str | None, category_codes: list[str] | None = None
+    *,
+    session_id: str,
+    messages: list[dict[str, str]],
+    categories: list[Any],
+    category_code: str | None,
+    choose_category: bool = False,
 ) -> GenerationRequest:
-    labels = {c.code: c.label for c in category_list_active()}
+    """`categories`: the active categories (one read, so the enum and the labels agree)."""
+    labels = {c.code: c.label for c in categories}
     return GenerationRequest(
         request_id=uuid.uuid4().hex,
         group=session_group_name(session_id),
         messages=messages,
-        schema=answer_schema(category_codes=category_codes),
+        schema=answer_schema(category_labels=list(labels.values()) if choose_category else None),
         sampling=_sampling(),
         default_category=category_code,
         category_labels=labels,
@@ -101,27 +113,31 @@ def recommendation_build_base_info(*, checked: BaseInfoInput) -> GenerationReque
     prompt = prompt_get_active(mode="base_info")
     fields = {"location": checked.location, "workType": checked.work_type, "category": category.label}
     messages = build_messages(system=prompt.system, user_template=prompt.user_template, fields=fields)
-    return _request(session_id=checked.session_id, messages=messages, category_code=category.code)
+    return _request(
+        session_id=checked.session_id, messages=messages, categories=category_list_active(), category_code=category.code
+    )
 
 
 def recommendation_build_free_text(*, checked: FreeTextInput) -> GenerationRequest | PresetAnswer:
     """The generation request for a free-text recommendation (reads the database), or a polite
     PresetAnswer when the message is abusive or off-topic (moderation terms in the database).
 
-    The model chooses each challenge's category from the active categories (an enum in the
-    grammar); the prompt lists them, those the message's keywords suggest first. Raises
+    The model chooses each challenge's category from the active categories (an enum of their
+    labels in the grammar); the prompt lists them, those the message's keywords suggest first. Raises
     selectors.NotConfiguredError when the mode has no active prompt or no category is active.
     """
     verdict = moderation_verdict(message=checked.message)
     if verdict is not None:
         reply = contract.REPLY_ABUSE if verdict == "abuse" else contract.REPLY_OFF_TOPIC
         return PresetAnswer(request_id=uuid.uuid4().hex, answer={"recommend": reply, "challenges": []}, reason=verdict)
-    categories = categories_for_message(message=checked.message)
+    active = category_list_active()  # display order: one grammar for every message
+    if not active:
+        raise NotConfiguredError("no active category")
+    ranked = categories_for_message(message=checked.message, categories=active)
     prompt = prompt_get_active(mode="free_text")
-    fields = {"message": checked.message, "categories": category_list_text([(c.code, c.label) for c in categories])}
+    fields = {"message": checked.message, "categories": category_list_text([(c.code, c.label) for c in ranked])}
     messages = build_messages(system=prompt.system, user_template=prompt.user_template, fields=fields)
-    codes = [c.code for c in category_list_active()]  # display order: one grammar for every message
-    return _request(session_id=checked.session_id, messages=messages, category_code=None, category_codes=codes)
+    return _request(session_id=checked.session_id, messages=messages, categories=active, category_code=None, choose_category=True)
 
 
 def recommendation_dispatch(*, request: GenerationRequest) -> None:

@@ -66,7 +66,7 @@ async def _receive_forever(layer: Any, channel: str, inbox: asyncio.Queue[dict[s
         inbox.put_nowait(exc)
 
 
-_standing_channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, str] = weakref.WeakKeyDictionary()
+_standing: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[str]] = weakref.WeakKeyDictionary()
 
 
 async def hold_standing_subscription(layer: Any) -> None:
@@ -76,12 +76,15 @@ async def hold_standing_subscription(layer: Any) -> None:
     subscription and otherwise sleeps 0.1 s between checks (`RedisSingleShardConnection._do_receiving`),
     so the first request after an idle moment would wait up to 100 ms for its first event. A channel
     nobody sends to keeps it subscribed; it costs one idle poll every 0.1 s. Other layers: no-op.
+    Concurrent first calls share one subscription (the task is stored before anything awaits).
     """
     if not isinstance(layer, RedisPubSubChannelLayer):
         return
     loop = asyncio.get_running_loop()
-    if loop not in _standing_channels:
-        _standing_channels[loop] = await layer.new_channel("standing.")
+    task = _standing.get(loop)
+    if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+        task = _standing[loop] = loop.create_task(layer.new_channel("standing."))
+    await asyncio.shield(task)
 
 
 def _raise_if_cancelling() -> None:

@@ -19,6 +19,9 @@ RECOMMEND_MAX_CHARS = 300
 TITLE_MAX_CHARS = 40
 DESCRIPTION_MAX_CHARS = 200
 ELLIPSIS = "…"
+# The recommendation is one sentence: it must end with sentence-final punctuation (a bare title or
+# code is not an answer). No quote, backslash or line break inside, so no JSON escape is needed.
+SENTENCE_PATTERN = r"^[^\"\\\n]*[.!?]$"
 
 
 def bound(text: str, limit: int) -> str:
@@ -30,24 +33,25 @@ def bound(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + ELLIPSIS
 
 
-def answer_schema(*, challenge_count: int = CHALLENGE_COUNT, category_codes: Sequence[str] | None = None) -> dict[str, Any]:
+def answer_schema(*, challenge_count: int = CHALLENGE_COUNT, category_labels: Sequence[str] | None = None) -> dict[str, Any]:
     """The JSON schema of a completion: `{"recommend": str, "challenges": [n x {"title", "description"}]}`.
 
-    With `category_codes` (free-text), every challenge starts with `"category"`, one of the codes
-    (an enum, so the model can only choose an active category); otherwise (base-info) the server
-    adds the requested category. Property order is the generation order (xgrammar keeps it): the
+    With `category_labels` (free text), every challenge starts with `"category"`, one of those Korean
+    labels (an enum, so the model can only choose an active category, by the name the prompt lists
+    it under); the server maps it back to the code. Otherwise (base-info) the server adds the
+    requested category. Property order is the generation order (xgrammar keeps it): the
     recommendation sentence streams first, and a challenge's category is chosen before its text.
-    `label` is always added by the server. Raises ValueError for an empty `category_codes`.
+    Raises ValueError for an empty `category_labels`.
     """
     properties: dict[str, Any] = {"title": {"type": "string"}, "description": {"type": "string"}}
-    if category_codes is not None:
-        if not category_codes:
-            raise ValueError("at least one category code is needed")
-        properties = {"category": {"type": "string", "enum": list(category_codes)}, **properties}
+    if category_labels is not None:
+        if not category_labels:
+            raise ValueError("at least one category is needed")
+        properties = {"category": {"type": "string", "enum": list(category_labels)}, **properties}
     return {
         "type": "object",
         "properties": {
-            "recommend": {"type": "string"},
+            "recommend": {"type": "string", "pattern": SENTENCE_PATTERN},
             "challenges": {
                 "type": "array",
                 "minItems": challenge_count,
@@ -67,13 +71,16 @@ def answer_schema(*, challenge_count: int = CHALLENGE_COUNT, category_codes: Seq
 
 def challenge_card(item: dict[str, Any], *, default_category: str | None, category_labels: dict[str, str]) -> dict[str, str]:
     """One complete generated challenge as the client gets it: bounded `title` and `description`,
-    `category` (the generated one, else `default_category`) and its Korean `label`.
+    `category` (the code of the generated label, else `default_category`) and its Korean `label`.
 
-    Raises ValueError if a field is missing or the category is not in `category_labels`.
+    `category_labels` maps codes to labels. Raises ValueError if a field is missing or the
+    category is unknown.
     """
-    code = item.get("category") or default_category
+    generated = item.get("category")
+    codes = {label: code for code, label in category_labels.items()}
+    code = codes.get(generated, generated) if generated else default_category
     if code not in category_labels:
-        raise ValueError(f"unknown category {code!r}")
+        raise ValueError(f"unknown category {generated or default_category!r}")
     if not isinstance(item.get("title"), str) or not isinstance(item.get("description"), str):
         raise ValueError("a challenge needs a title and a description")
     return {

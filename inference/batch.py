@@ -108,12 +108,18 @@ class PreallocatedLayer(DynamicLayer):
         self._expose()
 
 
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Length of the common prefix of two token sequences."""
+    return len(os.path.commonprefix([a, b]))  # noqa: RUF071 - token by token
+
+
 class PrefixCache:
     """Keys and values of shared prompt prefixes, learnt from the prompts themselves.
 
-    A prompt whose first tokens equal those of one of the last `recent` prompts for at least
-    `min_tokens` more than any cached prefix already covers has that common prefix cached (one
-    forward pass of the prefix alone); later prompts starting with it prefill only the rest. At most
+    A prompt whose first tokens equal those of the last `recent` prompts of its family (see
+    `candidate`) for at least `min_tokens` more than any cached prefix already covers has that
+    common prefix cached (one forward pass of the prefix alone, once per family); later prompts
+    starting with it prefill only the rest. At most
     `entries` prefixes are kept, least recently used dropped. Per layer an entry holds keys and
     values of shape (1, kv_heads, P, head_dim): for Mistral-7B in bf16, 128 KiB per token.
     """
@@ -136,10 +142,19 @@ class PrefixCache:
         return len(best), self.entries[best]
 
     def candidate(self, ids: list[int]) -> int:
-        """Remember `ids`; return the length of a new prefix worth caching (0: none)."""
+        """Remember `ids`; return the length of a new prefix worth caching (0: none).
+
+        The prefix is what `ids` shares with *every* different recent prompt that shares at least
+        `min_tokens` with it (for a family of prompts built from one template: the system prompt and
+        the template's fixed start), so one entry serves the whole family instead of a new entry per
+        pair of similar prompts.
+        """
         key = tuple(ids)
-        common = max((len(os.path.commonprefix([key, other])) for other in self._recent), default=0)  # noqa: RUF071 - token by token
+        family = [other for other in self._recent if other != key and _common(key, other) >= self.min_tokens]
         self._recent.append(key)
+        if not family:
+            return 0
+        common = min(_common(key, other) for other in family)
         common = min(common, len(ids) - 1)
         covered, _ = self.match(ids)
         return common if common - covered >= self.min_tokens else 0

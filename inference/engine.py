@@ -394,6 +394,8 @@ class Engine:
             seq.shown = True
             self.sink.token(seq.request, text)
         request = seq.request
+        if not request.challenge_cards:
+            return
         for index, item in seq.renderer.completed():
             card = challenge_card(item, default_category=request.default_category, category_labels=request.category_labels)
             self.sink.challenge(request, index, card)
@@ -411,7 +413,7 @@ class Engine:
             return
         if tail:
             self.sink.token(request, tail)
-        for index in remaining:
+        for index in remaining if request.challenge_cards else []:
             self.sink.challenge(request, index, answer["challenges"][index])
         now = time.time()
         first = seq.first_token_at or now

@@ -50,7 +50,7 @@ def _top(scores: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     introselect partition and a sort of the `width` survivors: on a CPU about 3x faster than
     torch.topk for B=32, vocab=1781, width=50 (torch 2.13).
     """
-    values = scores.numpy()
+    values = scores.float().cpu().numpy()  # no copy for the float32 CPU scores the engine passes
     part = np.argpartition(-values, width - 1, axis=1)[:, :width]
     part_values = np.take_along_axis(values, part, axis=1)
     order = np.argsort(-part_values, axis=1, kind="stable")

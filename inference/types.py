@@ -53,6 +53,8 @@ class GenerationRequest:
     default_category / category_labels: the server-side fields added to every challenge of the
     final answer (`category` code and Korean `label`).
     ttft_timeout_s / total_timeout_s: deadlines, in seconds from `created_at` (Unix time).
+    challenge_cards: send a `chat.challenge` event as each challenge completes (a WebSocket client
+    can draw cards; the SSE contract has no such event, so SSE requests skip the work).
     """
 
     request_id: str
@@ -65,6 +67,7 @@ class GenerationRequest:
     created_at: float = 0.0
     ttft_timeout_s: float = 60.0
     total_timeout_s: float = 180.0
+    challenge_cards: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict for the Celery task arguments."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import Any
@@ -103,6 +104,22 @@ def test_constrained_generation_gives_a_valid_answer_whose_deltas_render_it(engi
     text = "".join(e[2] for e in events if e[0] == "token")
     assert_deltas_render_answer(text, payload["answer"])
     assert payload["usage"]["completion_tokens"] > 10 and payload["timings"]["ttft_s"] >= 0
+
+
+def test_cards_are_sent_only_when_asked_each_once_before_the_end(engine) -> None:
+    engine_, sink = engine
+    plain = base_info_request("plain", "PLOGGING", temperature=0.0)
+    engine_.submit(plain)
+    engine_.submit(dataclasses.replace(plain, request_id="cards", challenge_cards=True))
+    sink.wait(2)
+    assert not [e for e in sink.of("plain") if e[0] == "challenge"]
+    events = sink.of("cards")
+    cards = [e[2] for e in events if e[0] == "challenge"]
+    answer = events[-1][2]["answer"]
+    assert [index for index, _ in cards] == [0, 1, 2]
+    assert [card for _, card in cards] == answer["challenges"]
+    kinds = [e[0] for e in events]
+    assert kinds.index("challenge") < max(i for i, k in enumerate(kinds) if k == "token"), "the first card precedes the end"
 
 
 def test_sampled_answers_stay_schema_valid_across_seeds_and_settings(engine) -> None:

@@ -61,7 +61,7 @@ def test_free_text_lets_the_model_choose_among_the_active_categories_keyword_mat
     )
     assert isinstance(request, GenerationRequest) and request.default_category is None
     enum = request.schema["properties"]["challenges"]["items"]["properties"]["category"]["enum"]
-    assert enum == list(Category.objects.filter(is_active=True).values_list("code", flat=True))
+    assert enum == list(Category.objects.filter(is_active=True).values_list("label", flat=True))
     user = request.messages[1]["content"]
     assert "이메일이랑" in user and "카테고리 목록: 디지털 탄소, 제로웨이스트, 플로깅" in user
     # Deactivating a category takes it out of the enum, the prompt and the labels, without a restart.
@@ -69,11 +69,11 @@ def test_free_text_lets_the_model_choose_among_the_active_categories_keyword_mat
     vegan.is_active = False
     vegan.save()
     request = recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": "채식 식단"}))
-    assert "VEGAN" not in request.schema["properties"]["challenges"]["items"]["properties"]["category"]["enum"]
+    assert "비건" not in request.schema["properties"]["challenges"]["items"]["properties"]["category"]["enum"]
     assert "비건" not in request.messages[1]["content"] and "VEGAN" not in request.category_labels
     Category.objects.create(code="WATER", label="물 절약", order=99)
     request = recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": "샤워 시간을 줄이고 싶어요"}))
-    assert "WATER" in request.schema["properties"]["challenges"]["items"]["properties"]["category"]["enum"]
+    assert "물 절약" in request.schema["properties"]["challenges"]["items"]["properties"]["category"]["enum"]
     assert request.category_labels["WATER"] == "물 절약" and "물 절약" in request.messages[1]["content"]
 
 
@@ -81,14 +81,32 @@ def test_free_text_lets_the_model_choose_among_the_active_categories_keyword_mat
     ("message", "reason", "reply"),
     [
         ("비트코인 지금 사도 될까요?", "off_topic", contract.REPLY_OFF_TOPIC),
-        ("이 시 발 뭐야", "abuse", contract.REPLY_ABUSE),  # spaces do not hide a term
+        ("이 병신 같은 챗봇", "abuse", contract.REPLY_ABUSE),
         ("FUCK 환경", "abuse", contract.REPLY_ABUSE),
+        ("비트코인을 사도 될까요", "off_topic", contract.REPLY_OFF_TOPIC),  # a particle after the term
     ],
 )
 def test_off_topic_and_abusive_messages_get_a_polite_preset_answer(message: str, reason: str, reply: str) -> None:
     answer = recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": message}))
     assert isinstance(answer, PresetAnswer) and answer.reason == reason
     assert answer.answer == {"recommend": reply, "challenges": []}
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "집에 불이 꺼져 있어도 대기전력이 나가나요?",
+        "유리병 신문지 분리배출 방법",
+        "페트병 신발 업사이클 해 보고 싶어요",
+        "환경 운동의 시발점이 궁금해요",
+        "도서관에서 책을 대출해서 읽고 싶어요",
+        "선거 현수막을 재활용할 수 있을까요?",
+    ],
+)
+def test_ordinary_eco_messages_are_not_mistaken_for_abuse_or_off_topic(message: str) -> None:
+    assert isinstance(
+        recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": message})), GenerationRequest
+    )
 
 
 def test_moderation_terms_are_edited_in_the_database_without_a_restart() -> None:

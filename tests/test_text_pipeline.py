@@ -100,22 +100,22 @@ def test_long_texts_are_cut_at_a_character_in_the_stream_and_the_close_payload_a
 
 
 def test_free_text_schema_lets_the_model_choose_only_listed_categories(loaded_demo) -> None:
-    schema = answer_schema(category_codes=["VEGAN", "PLOGGING"])
+    schema = answer_schema(category_labels=["비건", "플로깅"])
     item = schema["properties"]["challenges"]["items"]
     assert list(item["properties"]) == ["category", "title", "description"], "the category is chosen first"
-    assert item["properties"]["category"]["enum"] == ["VEGAN", "PLOGGING"]
+    assert item["properties"]["category"]["enum"] == ["비건", "플로깅"]
     factory = GrammarFactory(loaded_demo.tokenizer, vocab_size=loaded_demo.model.config.vocab_size)
     start = '{"recommend":"좋아요.","challenges":[{"category":"'
     listed = factory.matcher(schema)
-    assert listed.accept_string(start + 'VEGAN","title":"')
+    assert listed.accept_string(start + '비건","title":"')
     unlisted = factory.matcher(schema)
-    assert not unlisted.accept_string(start + 'ZERO_WASTE"')
+    assert not unlisted.accept_string(start + '제로웨이스트"')
     with pytest.raises(ValueError):
-        answer_schema(category_codes=[])
+        answer_schema(category_labels=[])
 
 
-def test_finalize_answer_takes_the_generated_category_and_adds_the_label() -> None:
-    generated = {**ANSWER, "challenges": [{"category": "VEGAN", **c} for c in ANSWER["challenges"]]}
+def test_finalize_answer_maps_the_generated_label_to_its_code() -> None:
+    generated = {**ANSWER, "challenges": [{"category": "비건", **c} for c in ANSWER["challenges"]]}
     answer = finalize_answer(
         json.dumps(generated, ensure_ascii=False), default_category=None, category_labels={"VEGAN": "비건", "MEDIA": "문화 공유"}
     )
@@ -136,3 +136,11 @@ def test_answer_schema_requires_three_challenges() -> None:
     challenges = schema["properties"]["challenges"]
     assert challenges["minItems"] == challenges["maxItems"] == 3
     assert schema["required"] == ["recommend", "challenges"]
+
+
+def test_the_recommendation_must_be_a_sentence_not_a_bare_title(loaded_demo) -> None:
+    factory = GrammarFactory(loaded_demo.tokenizer, vocab_size=loaded_demo.model.config.vocab_size)
+    assert factory.matcher(answer_schema()).accept_string('{"recommend":"텀블러를 써 보세요.","challenges":[{"title":"')
+    bare = factory.matcher(answer_schema())
+    assert bare.accept_string('{"recommend":"텀블러 사용하기')
+    assert not bare.accept_string('","'), "a recommendation without sentence-final punctuation was accepted"
