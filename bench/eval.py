@@ -43,6 +43,7 @@ django.setup()
 
 import httpx  # noqa: E402
 
+from bench.sse import aiter_events  # noqa: E402
 from chatbot import seed  # noqa: E402
 from chatbot.prompts import rank_by_keywords  # noqa: E402
 from inference.render import render_answer  # noqa: E402
@@ -156,20 +157,13 @@ def answer_problems(answer: Any) -> list[str]:
 async def _one(client: httpx.AsyncClient, index: int, item: dict[str, Any]) -> dict[str, Any]:
     path = BASE_INFO if item["mode"] == "base_info" else FREE_TEXT
     params = {"sessionId": f"eval-{index}", **item["params"]}
-    text, terminal, buffer = "", None, b""
+    text, terminal = "", None
     async with client.stream("GET", path, params=params) as response:
-        async for chunk in response.aiter_raw():
-            buffer += chunk
-            while b"\n\n" in buffer:
-                block, buffer = buffer.split(b"\n\n", 1)
-                if block.startswith(b":"):
-                    continue
-                lines = block.decode().split("\n")
-                event, data = lines[1][len("event: ") :], json.loads(lines[2][len("data: ") :])
-                if event == "challenge":
-                    text += data["data"]
-                else:
-                    terminal = (event, data)
+        async for event, data in aiter_events(response):
+            if event == "challenge":
+                text += data["data"]
+            else:
+                terminal = (event, data)
     return {**item, "text": text, "terminal": terminal}
 
 

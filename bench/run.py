@@ -43,6 +43,7 @@ from django.conf import settings  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from bench.sse import aiter_events  # noqa: E402
 from chatbot import seed  # noqa: E402
 from chatbot.demo_corpus import seed_messages  # noqa: E402
 from chatbot.runtime import model_settings  # noqa: E402
@@ -206,29 +207,20 @@ async def _one_stream(client: httpx.AsyncClient, i: int, session: str, stats: di
     sent = time.perf_counter()
     last_event: float | None = None
     text = ""
-    buffer = b""
     terminal: dict[str, Any] | None = None
     try:
         async with client.stream("GET", path, params=params) as response:
-            async for chunk in response.aiter_raw():
-                buffer += chunk
-                while b"\n\n" in buffer:
-                    block, buffer = buffer.split(b"\n\n", 1)
-                    if block.startswith(b":"):
-                        continue
-                    lines = block.decode().split("\n")
-                    event = lines[1][len("event: ") :]
-                    data = json.loads(lines[2][len("data: ") :])
-                    now = time.perf_counter()
-                    if event == "challenge":
-                        if last_event is None:
-                            stats["ttft"].append(now - sent)
-                        else:
-                            stats["itl"].append(now - last_event)
-                        last_event = now
-                        text += data["data"]
+            async for event, data in aiter_events(response):
+                now = time.perf_counter()
+                if event == "challenge":
+                    if last_event is None:
+                        stats["ttft"].append(now - sent)
                     else:
-                        terminal = {"event": event, "data": data}
+                        stats["itl"].append(now - last_event)
+                    last_event = now
+                    text += data["data"]
+                else:
+                    terminal = {"event": event, "data": data}
     except httpx.HTTPError:
         stats["errors"] += 1
         return

@@ -1,0 +1,23 @@
+"""Reading an SSE response in the benchmark clients (the test suite has its own strict parser)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+
+async def aiter_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """(event name, parsed `data`) for each event of a streaming response, as it arrives; `:` comments
+    (pings) are skipped. Expects the server's one layout: `id:`, `event:`, one `data:` line."""
+    buffer = b""
+    async for chunk in response.aiter_raw():
+        buffer += chunk
+        while b"\n\n" in buffer:
+            block, buffer = buffer.split(b"\n\n", 1)
+            if block.startswith(b":"):
+                continue
+            lines = block.decode().split("\n")
+            yield lines[1][len("event: ") :], json.loads(lines[2][len("data: ") :])
