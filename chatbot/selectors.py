@@ -49,12 +49,10 @@ def category_get_active(*, label_or_code: str) -> Category | None:
     return None
 
 
-def categories_for_message(*, message: str, categories: list[Category] | None = None) -> list[Category]:
-    """`categories` (default: the active ones), those whose keywords occur most often in the message
-    first, then in display order: the list a free-text prompt offers the model. Raises
-    NotConfiguredError when there is none."""
-    if categories is None:
-        categories = category_list_active()
+def categories_for_message(*, message: str, categories: list[Category]) -> list[Category]:
+    """`categories`, those whose keywords occur most often in the message first, then in the given
+    (display) order: the list a free-text prompt offers the model. Raises NotConfiguredError when
+    there is none."""
     if not categories:
         raise NotConfiguredError("no active category")
     return [categories[i] for i in rank_by_keywords(message, [c.keywords or [] for c in categories])]

@@ -19,7 +19,6 @@ from chatbot import contract
 from chatbot.contract import BaseInfoInput, ContractError, FreeTextInput
 from chatbot.prompts import build_messages, category_list_text
 from chatbot.selectors import (
-    NotConfiguredError,
     categories_for_message,
     category_get_active,
     category_list_active,
@@ -131,8 +130,6 @@ def recommendation_build_free_text(*, checked: FreeTextInput) -> GenerationReque
         reply = contract.REPLY_ABUSE if verdict == "abuse" else contract.REPLY_OFF_TOPIC
         return PresetAnswer(request_id=uuid.uuid4().hex, answer={"recommend": reply, "challenges": []}, reason=verdict)
     active = category_list_active()  # display order: one grammar for every message
-    if not active:
-        raise NotConfiguredError("no active category")
     ranked = categories_for_message(message=checked.message, categories=active)
     prompt = prompt_get_active(mode="free_text")
     fields = {"message": checked.message, "categories": category_list_text([(c.code, c.label) for c in ranked])}

@@ -74,7 +74,7 @@ class ProgressiveRenderer:
 
     def completed(self) -> list[tuple[int, dict[str, Any]]]:
         """(0-based index, challenge as generated) for the challenges completed since the last call."""
-        done = list(enumerate(self._challenges))[self._reported : max(self._reported, len(self._challenges) - 1)]
+        done = [(index, self._challenges[index]) for index in range(self._reported, len(self._challenges) - 1)]
         self._reported += len(done)
         return done
 
