@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: run test bench eval setup venv redis migrate model lint clean
+.PHONY: run test bench eval eval-retrieval setup venv redis migrate index model lint clean
 
 # Reinstall only when requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -26,7 +26,11 @@ migrate: venv
 model: venv
 	$(PY) manage.py train_demo_model
 
-setup: venv redis migrate model
+# Embeds only the knowledge documents that changed since the last run.
+index: migrate
+	$(PY) manage.py build_index
+
+setup: venv redis migrate index model
 
 run: setup
 	@echo
@@ -50,6 +54,10 @@ bench: setup $(VENV)/.bench-installed
 
 eval: setup
 	$(PY) bench/eval.py
+
+# hit@3 / recall@3 of dense, sparse and hybrid retrieval; writes bench/results/retrieval.{json,md}.
+eval-retrieval: setup
+	$(PY) bench/eval_retrieval.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

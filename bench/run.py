@@ -150,7 +150,7 @@ class CountingSink:
     def challenge(self, request: GenerationRequest, index: int, card: dict[str, str]) -> None:
         pass
 
-    def done(self, request: GenerationRequest, answer: dict, *, usage: dict, timings: dict) -> None:
+    def done(self, request: GenerationRequest, answer: dict, *, usage: dict, timings: dict, model: str = "") -> None:
         self.tokens += usage["completion_tokens"]
         self.ended.release()
 

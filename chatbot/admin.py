@@ -1,8 +1,9 @@
-"""Admin registrations for the editors (categories, prompts, generation settings, moderation terms)."""
+"""Admin registrations for the editors (categories, prompts, generation settings, moderation terms,
+knowledge documents)."""
 
 from django.contrib import admin
 
-from chatbot.models import Category, GenerationSettings, ModerationTerm, PromptTemplate
+from chatbot.models import Category, GenerationSettings, KnowledgeDocument, ModerationTerm, PromptTemplate
 
 
 @admin.register(Category)
@@ -29,3 +30,13 @@ class ModerationTermAdmin(admin.ModelAdmin):
     list_editable = ("is_active",)
     list_filter = ("kind", "is_active")
     search_fields = ("term",)
+
+
+@admin.register(KnowledgeDocument)
+class KnowledgeDocumentAdmin(admin.ModelAdmin):
+    """Saving or deleting a document re-indexes it (a `cpu` queue task, after commit)."""
+
+    list_display = ("title", "category", "location", "work_type", "is_active", "updated_at")
+    list_editable = ("is_active",)
+    list_filter = ("category", "location", "work_type", "is_active")
+    search_fields = ("title", "text")

@@ -10,8 +10,9 @@ class ChatbotConfig(AppConfig):
         from django.db import transaction
         from django.db.models.signals import post_delete, post_save
 
-        from chatbot.models import Category, GenerationSettings, ModerationTerm, PromptTemplate
+        from chatbot.models import Category, GenerationSettings, KnowledgeDocument, ModerationTerm, PromptTemplate
         from chatbot.selectors import config_cache_clear
+        from chatbot.services import knowledge_reindex_later
 
         def clear(**kwargs: object) -> None:
             config_cache_clear()  # at once, for this process's next read
@@ -20,3 +21,10 @@ class ChatbotConfig(AppConfig):
         for model in (Category, PromptTemplate, GenerationSettings, ModerationTerm):
             post_save.connect(clear, sender=model, weak=False, dispatch_uid=f"config-cache-{model.__name__}-save")
             post_delete.connect(clear, sender=model, weak=False, dispatch_uid=f"config-cache-{model.__name__}-delete")
+
+        def reindex(instance: KnowledgeDocument, **kwargs: object) -> None:
+            document_id = instance.pk
+            transaction.on_commit(lambda: knowledge_reindex_later(document_id=document_id))
+
+        post_save.connect(reindex, sender=KnowledgeDocument, weak=False, dispatch_uid="knowledge-reindex-save")
+        post_delete.connect(reindex, sender=KnowledgeDocument, weak=False, dispatch_uid="knowledge-reindex-delete")

@@ -10,44 +10,25 @@ or an unknown type gets `chat.error` 400 and the socket stays open.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from chatbot import contract
 from chatbot.contract import ContractError
+from chatbot.knowledge.store import KnowledgeUnavailableError
 from chatbot.selectors import NotConfiguredError
-from chatbot.services import (
-    PresetAnswer,
-    recommendation_build_base_info,
-    recommendation_build_free_text,
-    recommendation_cancel,
-)
+from chatbot.services import Recommendation, recommendation_cancel, recommendation_prepare
 from chatbot.streaming import Ping, answer_events
-from inference.types import GenerationRequest
 
 logger = logging.getLogger(__name__)
 MAX_FRAME_CHARS = 8 * 1024
 STATUS_STOPPED = 499  # "client closed request", as nginx names it
 STOP_WAIT_S = 2.0  # how long `chat.stop` waits for the relay to wind down before answering 499
-
-
-def _build(kind: str, session_id: str, frame: dict[str, Any]) -> GenerationRequest | PresetAnswer:
-    """The recommendation a frame asks for; generated ones send a card as each challenge completes."""
-    if kind == "chat.base_info":
-        params = {"sessionId": session_id, **{k: frame.get(k) for k in ("location", "workType", "category")}}
-        built = recommendation_build_base_info(checked=contract.check_base_info(params))
-    else:
-        built = recommendation_build_free_text(
-            checked=contract.check_free_text({"sessionId": session_id, "message": frame.get("message")})
-        )
-    return dataclasses.replace(built, challenge_cards=True) if isinstance(built, GenerationRequest) else built
 
 
 @dataclass
@@ -101,8 +82,15 @@ class ChatConsumer(AsyncWebsocketConsumer):
         if self.active is not None and not self.active.done:
             await self._error(409, contract.MESSAGE_BUSY)
             return
+        if kind == "chat.base_info":
+            mode, params = "base_info", {k: frame.get(k) for k in ("location", "workType", "category")}
+        else:
+            mode, params = "free_text", {"message": frame.get("message")}
         try:
-            generation = await sync_to_async(_build)(kind, self.session_id, frame)
+            # Generated answers send a card as each challenge completes.
+            generation = await recommendation_prepare(
+                mode=mode, params={"sessionId": self.session_id, **params}, challenge_cards=True
+            )
         except ContractError as exc:
             await self._error(exc.status, exc.message, invalid_fields=exc.invalid_fields)
             return
@@ -110,10 +98,14 @@ class ChatConsumer(AsyncWebsocketConsumer):
             logger.exception("recommendation is not configured")
             await self._error(503, contract.MESSAGE_NO_WORKER)
             return
+        except KnowledgeUnavailableError as exc:
+            logger.error("knowledge base unavailable: %s", exc)
+            await self._error(503, contract.MESSAGE_KNOWLEDGE_UNAVAILABLE)
+            return
         active = self.active = _Active(request_id=generation.request_id)
         active.task = asyncio.create_task(self._relay(generation, active))
 
-    async def _relay(self, generation: GenerationRequest | PresetAnswer, active: _Active) -> None:
+    async def _relay(self, generation: Recommendation, active: _Active) -> None:
         try:
             async with aclosing(answer_events(generation)) as events:
                 async for item in events:

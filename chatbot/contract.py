@@ -24,6 +24,9 @@ MESSAGE_INTERNAL = "서버 내부 오류가 발생했습니다. 잠시 후 다�
 MESSAGE_BUSY = "이미 답변을 생성하고 있습니다. 끝난 뒤에 다시 보내 주세요."
 MESSAGE_STOPPED = "답변 생성을 중단했습니다."
 MESSAGE_BAD_FRAME = "메시지 형식이 올바르지 않습니다."
+MESSAGE_KNOWLEDGE_UNAVAILABLE = "참고 자료 검색 서버에 연결할 수 없습니다. 잠시 후 다시 시도해 주세요."
+MESSAGE_SESSION = "대화 기록 조회 완료"
+MESSAGE_NO_SESSION = "대화 기록이 없습니다."
 # Replies to free text that gets no recommendation (a completed answer with no challenges).
 REPLY_OFF_TOPIC = (
     "저는 일상에서 실천할 수 있는 친환경 챌린지를 추천해 드리는 도우미예요. "

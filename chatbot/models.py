@@ -1,7 +1,8 @@
-"""The chatbot's data: categories, versioned prompt templates and generation settings.
+"""The chatbot's data: categories, versioned prompt templates, generation settings, moderation
+terms, knowledge documents, and the conversations (sessions and their turns).
 
-Editors change these in the admin; requests read them at request time, so a change takes effect
-without a restart.
+Editors change the configuration in the admin; requests read it at request time, so a change
+takes effect without a restart. Sessions and turns are written by the web process as answers end.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class ModerationTerm(models.Model):
     """A word that makes a free-text message get a polite reply instead of a recommendation.
 
     `kind` abuse (a request to keep the conversation respectful) or off_topic (a reminder of what the
-    service is for). Matched as a substring of the message with spaces removed, case-insensitively.
+    service is for). Matched where a word of the message begins with it, case-insensitively
+    (chatbot.services.moderation_verdict).
     """
 
     class Kind(models.TextChoices):
@@ -96,3 +98,93 @@ class ModerationTerm(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()}: {self.term}"
+
+
+class KnowledgeDocument(models.Model):
+    """A short practice document the free-text answers are grounded in (retrieved from Qdrant).
+
+    Saving or deleting one re-indexes it through a Celery task on the `cpu` queue, after commit.
+    `location` and `work_type` are optional tags ("" = any). Inactive documents stay indexed but are
+    never retrieved.
+    """
+
+    class Location(models.TextChoices):
+        ANY = "", "전체"
+        CITY = "도시", "도시"
+        COAST = "해안가", "해안가"
+        MOUNTAIN = "산", "산"
+        FARM = "농촌", "농촌"
+
+    class WorkType(models.TextChoices):
+        ANY = "", "전체"
+        OFFICE = "사무직", "사무직"
+        SALES = "영업직", "영업직"
+        FIELD = "현장직", "현장직"
+        REMOTE = "재택근무", "재택근무"
+
+    title = models.CharField(max_length=80)
+    text = models.TextField(max_length=1000)
+    category = models.ForeignKey(Category, on_delete=models.PROTECT, related_name="documents")
+    location = models.CharField(max_length=8, choices=Location.choices, blank=True, default="")
+    work_type = models.CharField(max_length=8, choices=WorkType.choices, blank=True, default="")
+    is_active = models.BooleanField(default=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering: ClassVar = ["category__order", "id"]
+
+    def __str__(self) -> str:
+        return self.title
+
+
+class ChatSession(models.Model):
+    """A conversation, keyed by the client's sessionId. Remembers the latest base-info it was given."""
+
+    session_id = models.CharField(max_length=100, unique=True)
+    location = models.CharField(max_length=50, blank=True, default="")
+    work_type = models.CharField(max_length=50, blank=True, default="")
+    category = models.CharField(max_length=32, blank=True, default="", help_text="카테고리 코드")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering: ClassVar = ["-updated_at"]
+
+    def __str__(self) -> str:
+        return self.session_id
+
+
+class Turn(models.Model):
+    """One request of a session and its answer.
+
+    `user_text` is the free-text message, or the base-info request in words; `answer_text` what the
+    person saw (the streamed text, also when stopped early); `answer` the close payload's data (None
+    unless the answer completed). `finish_reason` as inference.types.FinishReason; `ttft_ms` and
+    `duration_ms` are measured by the web process from the request's start.
+    """
+
+    session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="turns")
+    request_id = models.CharField(max_length=32, unique=True)
+    mode = models.CharField(max_length=16, choices=PromptTemplate.Mode.choices)
+    user_text = models.TextField()
+    inputs = models.JSONField(default=dict, blank=True)
+    answer_text = models.TextField(blank=True, default="")
+    answer = models.JSONField(null=True, blank=True)
+    prompt = models.ForeignKey(PromptTemplate, null=True, blank=True, on_delete=models.SET_NULL, related_name="turns")
+    prompt_version = models.PositiveIntegerField(null=True, blank=True)
+    model = models.CharField(max_length=200, blank=True, default="")
+    finish_reason = models.CharField(max_length=16)
+    error_status = models.PositiveIntegerField(null=True, blank=True)
+    prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
+    completion_tokens = models.PositiveIntegerField(null=True, blank=True)
+    history_turns = models.PositiveIntegerField(null=True, blank=True, help_text="프롬프트에 들어간 이전 턴 수")
+    ttft_ms = models.FloatField(null=True, blank=True)
+    duration_ms = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(db_index=True)
+    completed_at = models.DateTimeField()
+
+    class Meta:
+        ordering: ClassVar = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.session_id} {self.mode} {self.finish_reason}"

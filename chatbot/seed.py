@@ -1,6 +1,7 @@
 """Seed data the project writes in its own words: categories, prompts, and a challenge bank.
 
-The data migration seeds the database from CATEGORIES and PROMPTS; the demo model
+The data migrations seed the database from CATEGORIES, PROMPTS, MODERATION_TERMS and the knowledge
+documents (knowledge_documents); the demo model
 (`python manage.py train_demo_model`) is trained on synthetic answers built from
 LOCATIONS, WORK_TYPES and CHALLENGE_BANK. Editors change categories and prompts in
 the admin afterwards; this module is only the starting point.
@@ -8,6 +9,8 @@ the admin afterwards; this module is only the starting point.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TypedDict
 
 
@@ -169,3 +172,21 @@ FREE_TEXT_MESSAGES: dict[str, list[str]] = {
     "DIGITAL_CARBON": ["이메일이 너무 많이 쌓여 있어요", "스마트폰을 쓰면서도 탄소를 줄일 수 있나요?"],
     "VEGAN": ["고기를 줄여 보고 싶어요", "채식을 시작하려면 어떻게 하나요?"],
 }
+
+
+class KnowledgeSeed(TypedDict):
+    title: str
+    text: str
+    category: str
+    location: str
+    work_type: str
+
+
+# 240 practice documents of the project's own writing, 30 per category; migration 0006 seeds the
+# knowledge base from this file, and the demo model learns to read retrieved passages from it.
+KNOWLEDGE_DOCUMENTS_FILE = Path(__file__).parent / "migrations" / "0006_knowledge_documents.json"
+
+
+def knowledge_documents() -> list[KnowledgeSeed]:
+    """The seeded knowledge documents (category as the code; location/work_type "" when untagged)."""
+    return json.loads(KNOWLEDGE_DOCUMENTS_FILE.read_text(encoding="utf-8"))

@@ -6,14 +6,14 @@ cache framework): an editor's change applies to new requests within that time, w
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from django.conf import settings
 from django.core.cache import cache
 
 from chatbot.models import Category, GenerationSettings, ModerationTerm, PromptTemplate
-from chatbot.prompts import rank_by_keywords
+from chatbot.prompts import hint_ranks, rank_by_keywords
 
 T = TypeVar("T")
 
@@ -49,13 +49,21 @@ def category_get_active(*, label_or_code: str) -> Category | None:
     return None
 
 
-def categories_for_message(*, message: str, categories: list[Category]) -> list[Category]:
-    """`categories`, those whose keywords occur most often in the message first, then in the given
-    (display) order: the list a free-text prompt offers the model. Raises NotConfiguredError when
-    there is none."""
+def category_keyword_lists(categories: Sequence[Category]) -> list[list[str]]:
+    """Each category's label and keywords: what a message is matched against."""
+    return [[c.label, *(c.keywords or [])] for c in categories]
+
+
+def categories_for_message(*, message: str, categories: list[Category], hints: Sequence[str] = ()) -> list[Category]:
+    """`categories`, those whose label and keywords occur most often in the message first; ties go
+    to the categories named in `hints` (codes, e.g. of the retrieved passages, earlier first), then
+    to the given (display) order: the list a free-text prompt offers the model. Raises
+    NotConfiguredError when there is none."""
     if not categories:
         raise NotConfiguredError("no active category")
-    return [categories[i] for i in rank_by_keywords(message, [c.keywords or [] for c in categories])]
+    tiebreak = hint_ranks([c.code for c in categories], hints)
+    order = rank_by_keywords(message, category_keyword_lists(categories), tiebreak)
+    return [categories[i] for i in order]
 
 
 def prompt_get_active(*, mode: str) -> PromptTemplate:

@@ -1,11 +1,14 @@
-"""Business logic of a recommendation: build the generation request, dispatch it, cancel it.
+"""Business logic of a recommendation: build the generation request (with the session's history
+and retrieved passages for free text), dispatch it, cancel it; re-index knowledge documents.
 
 Adapters (SSE views, the WebSocket consumer) call these; they hold no logic of their own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import re
 import time
 import uuid
@@ -13,14 +16,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from chatbot import contract
 from chatbot.contract import BaseInfoInput, ContractError, FreeTextInput
-from chatbot.prompts import build_messages, category_list_text
+from chatbot.conversation import SessionContext, TurnDraft, session_context
+from chatbot.knowledge.store import Hit
+from chatbot.models import Category, PromptTemplate
+from chatbot.prompts import build_messages, category_list_text, context_text, conversation_query, profile_text
 from chatbot.selectors import (
+    NotConfiguredError,
     categories_for_message,
     category_get_active,
+    category_keyword_lists,
     category_list_active,
     generation_settings_get,
     moderation_terms,
@@ -29,7 +38,9 @@ from chatbot.selectors import (
 from inference.answer import answer_schema
 from inference.types import CONTROL_GROUP, GenerationRequest, SamplingParams
 
+logger = logging.getLogger(__name__)
 GENERATE_TASK = "chatbot.generate"
+INDEX_TASK = "chatbot.index_document"
 
 
 def session_group_name(session_id: str) -> str:
@@ -83,6 +94,7 @@ def _request(
     categories: list[Any],
     category_code: str | None,
     choose_category: bool = False,
+    history: list[dict[str, str]] | None = None,
 ) -> GenerationRequest:
     """`categories`: the active categories (one read, so the enum and the labels agree)."""
     labels = {c.code: c.label for c in categories}
@@ -97,10 +109,30 @@ def _request(
         created_at=time.time(),
         ttft_timeout_s=settings.LEAFRESH_TTFT_TIMEOUT_S,
         total_timeout_s=settings.LEAFRESH_TOTAL_TIMEOUT_S,
+        history=history or [],
+        history_budget_tokens=settings.LEAFRESH_HISTORY_TOKEN_BUDGET if history else 0,
     )
 
 
-def recommendation_build_base_info(*, checked: BaseInfoInput) -> GenerationRequest:
+@dataclass(frozen=True)
+class Recommendation:
+    """A request ready to answer: `item` the generation (or a polite preset answer), `turn` what the
+    session will record about it when it ends."""
+
+    item: GenerationRequest | PresetAnswer
+    turn: TurnDraft
+
+    @property
+    def request_id(self) -> str:
+        return self.item.request_id
+
+
+def base_info_user_text(*, location: str, work_type: str, category_label: str) -> str:
+    """A base-info request in words, as the session's history shows it."""
+    return f"거주 지역: {location}, 근무 형태: {work_type}, 카테고리: {category_label}. 이 조건에 맞는 챌린지를 추천해 주세요."
+
+
+def recommendation_build_base_info(*, checked: BaseInfoInput) -> Recommendation:
     """The generation request for a base-info recommendation (reads the database).
 
     Raises ContractError (400, invalidFields=["category"]) for an unknown or inactive category,
@@ -112,29 +144,129 @@ def recommendation_build_base_info(*, checked: BaseInfoInput) -> GenerationReque
     prompt = prompt_get_active(mode="base_info")
     fields = {"location": checked.location, "workType": checked.work_type, "category": category.label}
     messages = build_messages(system=prompt.system, user_template=prompt.user_template, fields=fields)
-    return _request(
+    generation = _request(
         session_id=checked.session_id, messages=messages, categories=category_list_active(), category_code=category.code
     )
+    turn = TurnDraft(
+        session_id=checked.session_id,
+        mode="base_info",
+        user_text=base_info_user_text(location=checked.location, work_type=checked.work_type, category_label=category.label),
+        inputs=fields,
+        prompt_id=prompt.pk,
+        prompt_version=prompt.version,
+        base_info={"location": checked.location, "work_type": checked.work_type, "category": category.code},
+    )
+    return Recommendation(item=generation, turn=turn)
 
 
-def recommendation_build_free_text(*, checked: FreeTextInput) -> GenerationRequest | PresetAnswer:
-    """The generation request for a free-text recommendation (reads the database), or a polite
-    PresetAnswer when the message is abusive or off-topic (moderation terms in the database).
+@dataclass(frozen=True)
+class FreeTextPlan:
+    """A free-text request's database reads, before retrieval: the checked input, the active prompt,
+    the active categories (display order), the session's context, and the retrieval `query`."""
 
-    The model chooses each challenge's category from the active categories (an enum of their
-    labels in the grammar); the prompt lists them, those the message's keywords suggest first. Raises
-    selectors.NotConfiguredError when the mode has no active prompt or no category is active.
+    checked: FreeTextInput
+    prompt: PromptTemplate
+    categories: list[Category]
+    context: SessionContext
+    query: str
+
+
+def recommendation_plan_free_text(*, checked: FreeTextInput) -> FreeTextPlan | Recommendation:
+    """The database part of a free-text request (blocking): a polite preset Recommendation when the
+    message is abusive or off-topic (moderation terms in the database), else a FreeTextPlan.
+
+    Raises selectors.NotConfiguredError when the mode has no active prompt or no category is active.
     """
     verdict = moderation_verdict(message=checked.message)
     if verdict is not None:
         reply = contract.REPLY_ABUSE if verdict == "abuse" else contract.REPLY_OFF_TOPIC
-        return PresetAnswer(request_id=uuid.uuid4().hex, answer={"recommend": reply, "challenges": []}, reason=verdict)
+        preset = PresetAnswer(request_id=uuid.uuid4().hex, answer={"recommend": reply, "challenges": []}, reason=verdict)
+        inputs = {"message": checked.message, "moderation": verdict}
+        turn = TurnDraft(session_id=checked.session_id, mode="free_text", user_text=checked.message, inputs=inputs)
+        return Recommendation(item=preset, turn=turn)
     active = category_list_active()  # display order: one grammar for every message
-    ranked = categories_for_message(message=checked.message, categories=active)
+    if not active:
+        raise NotConfiguredError("no active category")
     prompt = prompt_get_active(mode="free_text")
-    fields = {"message": checked.message, "categories": category_list_text([(c.code, c.label) for c in ranked])}
-    messages = build_messages(system=prompt.system, user_template=prompt.user_template, fields=fields)
-    return _request(session_id=checked.session_id, messages=messages, categories=active, category_code=None, choose_category=True)
+    context = session_context(session_id=checked.session_id, max_turns=settings.LEAFRESH_HISTORY_MAX_TURNS)
+    query = conversation_query(checked.message, context.user_texts, category_keyword_lists(active))
+    return FreeTextPlan(checked=checked, prompt=prompt, categories=active, context=context, query=query)
+
+
+def recommendation_build_free_text(*, plan: FreeTextPlan, passages: list[Hit]) -> Recommendation:
+    """The free-text generation request from a plan and the passages retrieved for its query.
+
+    The model chooses each challenge's category from the active categories (an enum of their labels
+    in the grammar); the prompt lists them, those the query's keywords suggest first, then those of
+    the passages. The session's base-info goes into the system message, the passages before the
+    message as delimited, untrusted context, and the recent turns into the request's history.
+    """
+    labels = {c.code: c.label for c in plan.categories}
+    ranked = categories_for_message(message=plan.query, categories=plan.categories, hints=[p.category for p in passages])
+    fields = {"message": plan.checked.message, "categories": category_list_text([(c.code, c.label) for c in ranked])}
+    context = context_text([(labels.get(p.category, p.category), p.title, p.text) for p in passages])
+    messages = build_messages(
+        system=plan.prompt.system,
+        user_template=plan.prompt.user_template,
+        fields=fields,
+        profile=profile_text(plan.context.base_info),
+        context=context,
+    )
+    generation = _request(
+        session_id=plan.checked.session_id,
+        messages=messages,
+        categories=plan.categories,
+        category_code=None,
+        choose_category=True,
+        history=plan.context.history,
+    )
+    turn = TurnDraft(
+        session_id=plan.checked.session_id,
+        mode="free_text",
+        user_text=plan.checked.message,
+        inputs={"message": plan.checked.message, "retrieved": ",".join(str(p.id) for p in passages)},
+        prompt_id=plan.prompt.pk,
+        prompt_version=plan.prompt.version,
+    )
+    return Recommendation(item=generation, turn=turn)
+
+
+async def recommendation_prepare(*, mode: str, params: dict[str, Any], challenge_cards: bool = False) -> Recommendation:
+    """Check the input and build a recommendation; for free text, retrieve passages first.
+
+    `mode` base_info or free_text; `params` the contract's fields (sessionId, ...). Database reads
+    run in the thread for sync code; embedding and the Qdrant query in a worker thread of their own.
+    Raises ContractError (400), selectors.NotConfiguredError, and for free text
+    KnowledgeUnavailableError when Qdrant cannot be reached.
+    """
+    from chatbot.knowledge.indexing import knowledge_search
+
+    if mode == "base_info":
+        built = await sync_to_async(recommendation_build_base_info)(checked=contract.check_base_info(params))
+    else:
+        plan = await sync_to_async(recommendation_plan_free_text)(checked=contract.check_free_text(params))
+        if isinstance(plan, Recommendation):
+            return plan
+        k = settings.LEAFRESH_RETRIEVAL_K
+        passages = await sync_to_async(knowledge_search, thread_sensitive=False)(plan.query, k=k) if k > 0 else []
+        built = await sync_to_async(recommendation_build_free_text)(plan=plan, passages=passages)
+    if challenge_cards and isinstance(built.item, GenerationRequest):
+        built = dataclasses.replace(built, item=dataclasses.replace(built.item, challenge_cards=True))
+    return built
+
+
+def knowledge_reindex_later(*, document_id: int) -> None:
+    """Queue the re-indexing of a saved or deleted knowledge document (Celery task on queue `cpu`).
+
+    A broker failure is logged, not raised: the document is saved, and `build_index` repairs the
+    index.
+    """
+    from celery_app import app
+
+    try:
+        app.send_task(INDEX_TASK, args=[document_id], queue="cpu")
+    except Exception:
+        logger.exception("could not queue re-indexing of knowledge document %s; run build_index", document_id)
 
 
 def recommendation_dispatch(*, request: GenerationRequest) -> None:

@@ -19,6 +19,7 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,8 @@ from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
 
 from chatbot import contract
-from chatbot.services import PresetAnswer, recommendation_cancel, recommendation_dispatch, worker_alive
+from chatbot.conversation import TurnOutcome, turn_record
+from chatbot.services import PresetAnswer, Recommendation, recommendation_cancel, recommendation_dispatch, worker_alive
 from inference.types import TERMINAL_TYPES, FinishReason, GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -225,8 +227,56 @@ async def preset_events(preset: PresetAnswer) -> AsyncIterator[dict[str, Any]]:
     }
 
 
-def answer_events(item: GenerationRequest | PresetAnswer) -> AsyncIterator[dict[str, Any] | Ping]:
-    """The events of a recommendation: generated (`recommendation_events`) or preset (`preset_events`)."""
-    if isinstance(item, PresetAnswer):
-        return preset_events(item)
-    return recommendation_events(item)
+async def answer_events(recommendation: Recommendation) -> AsyncIterator[dict[str, Any] | Ping]:
+    """The events of a recommendation, generated (`recommendation_events`) or preset
+    (`preset_events`), and its turn recorded in the session when it ends.
+
+    The turn is written before the terminal event is passed on, so a follow-up sent the moment the
+    answer closes already sees it in the history. A stream that ends early (client gone, stop) is
+    recorded as `cancelled` with the text shown so far. Use it with `contextlib.aclosing`.
+    """
+    item = recommendation.item
+    events = preset_events(item) if isinstance(item, PresetAnswer) else recommendation_events(item)
+    started = time.time()
+    clock = time.monotonic()
+    first_token_s: float | None = None
+    text: list[str] = []
+    recorded = False
+
+    async def record(event: dict[str, Any] | None) -> None:
+        nonlocal recorded
+        recorded = True
+        kind = event["type"] if event else None
+        reason = event.get("finish_reason") if event else FinishReason.CANCELLED.value
+        outcome = TurnOutcome(
+            finish_reason=str(reason or (FinishReason.STOP.value if kind == "chat.done" else FinishReason.ERROR.value)),
+            answer_text="".join(text),
+            started_at=started,
+            duration_s=time.monotonic() - clock,
+            answer=event["data"] if kind == "chat.done" else None,
+            error_status=int(event["status"]) if kind == "chat.error" else None,
+            ttft_s=first_token_s,
+            usage=dict(event.get("usage") or {}) if event else {},
+            model=str(event.get("model") or "") if event else "",
+        )
+        try:
+            await asyncio.shield(
+                sync_to_async(turn_record)(draft=recommendation.turn, request_id=item.request_id, outcome=outcome)
+            )
+        except Exception:
+            logger.exception("could not record the turn of request %s", item.request_id)
+
+    try:
+        async with aclosing(events):
+            async for event in events:
+                if not isinstance(event, Ping):
+                    if event["type"] == "chat.token":
+                        if first_token_s is None:
+                            first_token_s = time.monotonic() - clock
+                        text.append(event["text"])
+                    elif event["type"] in TERMINAL_TYPES:
+                        await record(event)
+                yield event
+    finally:
+        if not recorded:
+            await record(None)

@@ -8,4 +8,5 @@ urlpatterns = [
     path("metrics", metrics.metrics, name="metrics"),
     path("ai/chatbot/recommendation/base-info", views.base_info, name="base-info"),
     path("ai/chatbot/recommendation/free-text", views.free_text, name="free-text"),
+    path("ai/chatbot/sessions/<str:session_id>/messages", views.session_messages, name="session-messages"),
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -20,10 +20,11 @@ from django.views.decorators.http import require_GET
 
 from chatbot import contract, sse
 from chatbot.contract import ContractError
+from chatbot.conversation import session_clear, session_transcript
+from chatbot.knowledge.store import KnowledgeUnavailableError
 from chatbot.selectors import NotConfiguredError, category_list_active
-from chatbot.services import PresetAnswer, recommendation_build_base_info, recommendation_build_free_text
+from chatbot.services import Recommendation, recommendation_prepare
 from chatbot.streaming import Ping, answer_events
-from inference.types import GenerationRequest
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 8 * 1024
@@ -45,7 +46,7 @@ def _params(request: HttpRequest) -> dict[str, Any]:
     return body
 
 
-async def _sse_body(generation: GenerationRequest | PresetAnswer) -> AsyncIterator[bytes]:
+async def _sse_body(generation: Recommendation) -> AsyncIterator[bytes]:
     """The event stream: `challenge` deltas, then exactly one `close` or `error`, then the end.
 
     Other events (`chat.queued`, the WebSocket's `chat.challenge` cards) are not part of the SSE contract.
@@ -83,7 +84,7 @@ def _json(payload: dict[str, Any], status: int = 200, headers: dict[str, str] | 
     return JsonResponse(payload, status=status, headers=headers, json_dumps_params={"ensure_ascii": False})
 
 
-async def _answer_json(generation: GenerationRequest | PresetAnswer) -> JsonResponse:
+async def _answer_json(generation: Recommendation) -> JsonResponse:
     """Wait for the terminal event and answer one JSON document."""
     headers = {REQUEST_ID_HEADER: generation.request_id}
     async with aclosing(answer_events(generation)) as events:
@@ -98,36 +99,71 @@ async def _answer_json(generation: GenerationRequest | PresetAnswer) -> JsonResp
     return _json(contract.envelope(500, contract.MESSAGE_INTERNAL, None), status=500, headers=headers)
 
 
-async def _recommend(request: HttpRequest, build: Callable[[dict[str, Any]], GenerationRequest | PresetAnswer]) -> HttpResponse:
+def _sse_response(body: AsyncIterator[bytes], request_id: str | None = None) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(body, content_type=sse.CONTENT_TYPE)
+    for name, value in sse.HEADERS.items():
+        response[name] = value
+    if request_id:
+        response[REQUEST_ID_HEADER] = request_id
+    return response
+
+
+async def _sse_error(status: int, message: str) -> AsyncIterator[bytes]:
+    """A stream of one `error` event: a failure after the input was accepted (e.g. Qdrant down)."""
+    yield sse.encode_event(event_id=1, event="error", data=contract.envelope(status, message, None))
+
+
+async def _recommend(request: HttpRequest, mode: str) -> HttpResponse:
     if request.method not in ("GET", "POST"):
         message = "GET(SSE) 또는 POST(JSON)만 지원합니다."
         return _json(contract.envelope(405, message, None), status=405, headers={"Allow": "GET, POST"})
     try:
-        generation = await sync_to_async(build)(_params(request))
+        generation = await recommendation_prepare(mode=mode, params=_params(request))
     except ContractError as exc:
         return _json(exc.envelope(), status=exc.status)
     except NotConfiguredError:
         logger.exception("recommendation is not configured")
         return _json(contract.envelope(503, contract.MESSAGE_NO_WORKER, None), status=503)
+    except KnowledgeUnavailableError as exc:
+        logger.error("knowledge base unavailable: %s", exc)
+        if request.method == "POST":
+            return _json(contract.envelope(503, contract.MESSAGE_KNOWLEDGE_UNAVAILABLE, None), status=503)
+        return _sse_response(_sse_error(503, contract.MESSAGE_KNOWLEDGE_UNAVAILABLE))
     if request.method == "POST":
         return await _answer_json(generation)
-    response = StreamingHttpResponse(_sse_body(generation), content_type=sse.CONTENT_TYPE)
-    for name, value in sse.HEADERS.items():
-        response[name] = value
-    response[REQUEST_ID_HEADER] = generation.request_id
-    return response
+    return _sse_response(_sse_body(generation), generation.request_id)
 
 
 @csrf_exempt
 async def base_info(request: HttpRequest) -> HttpResponse:
     """`/ai/chatbot/recommendation/base-info`: sessionId, location, workType, category (Korean label)."""
-    return await _recommend(request, lambda params: recommendation_build_base_info(checked=contract.check_base_info(params)))
+    return await _recommend(request, "base_info")
 
 
 @csrf_exempt
 async def free_text(request: HttpRequest) -> HttpResponse:
     """`/ai/chatbot/recommendation/free-text`: sessionId, message."""
-    return await _recommend(request, lambda params: recommendation_build_free_text(checked=contract.check_free_text(params)))
+    return await _recommend(request, "free_text")
+
+
+@csrf_exempt
+async def session_messages(request: HttpRequest, session_id: str) -> HttpResponse:
+    """`/ai/chatbot/sessions/<sessionId>/messages`: GET the session's turns (oldest first) in the
+    usual envelope (404 for an unknown session); DELETE clears the session (204, or 404)."""
+    if contract.clean_field(session_id, contract.LIMITS["sessionId"]) is None:
+        message = f"{contract.MESSAGE_INVALID} 확인할 항목: sessionId"
+        return _json(contract.envelope(400, message, {"invalidFields": ["sessionId"]}), status=400)
+    if request.method == "GET":
+        transcript = await sync_to_async(session_transcript)(session_id=session_id)
+        if transcript is None:
+            return _json(contract.envelope(404, contract.MESSAGE_NO_SESSION, None), status=404)
+        return _json(contract.envelope(200, contract.MESSAGE_SESSION, transcript))
+    if request.method == "DELETE":
+        if not await sync_to_async(session_clear)(session_id=session_id):
+            return _json(contract.envelope(404, contract.MESSAGE_NO_SESSION, None), status=404)
+        return HttpResponse(status=204)
+    message = "GET 또는 DELETE만 지원합니다."
+    return _json(contract.envelope(405, message, None), status=405, headers={"Allow": "GET, DELETE"})
 
 
 @require_GET

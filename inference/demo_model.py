@@ -53,7 +53,7 @@ class DemoTrainingConfig:
     batch_size: int = 8
     learning_rate: float = 3e-3
     seed: int = 1234
-    format_version: int = 1
+    format_version: int = 2  # 2: length-bucketed batches
 
 
 @dataclass(frozen=True)
@@ -175,8 +175,13 @@ def train_demo_model(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     bar = tqdm(total=config.steps, desc="training demo model", unit="step", disable=not progress)
+    # Length-bucketed batches: a random window of examples of about the same length, so short
+    # base-info prompts are not padded to the long free-text ones (about half the padding).
+    by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    size = min(config.batch_size, len(encoded))
     for _step in range(config.steps):
-        picks = torch.randint(len(encoded), (config.batch_size,), generator=generator).tolist()
+        start = int(torch.randint(len(encoded) - size + 1, (1,), generator=generator))
+        picks = by_length[start : start + size]
         width = max(len(encoded[i][0]) for i in picks)
         input_ids = torch.full((len(picks), width), tokenizer.pad_token_id, dtype=torch.long)
         labels = torch.full((len(picks), width), -100, dtype=torch.long)

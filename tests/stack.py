@@ -1,11 +1,12 @@
-"""Starting the whole stack as real processes (Redis, a solo-pool Celery GPU worker, daphne) the way
-the Procfile does, for the end-to-end tests and the benchmark. Each stack is isolated by its own
-Redis key prefix, SQLite file and port.
+"""Starting the whole stack as real processes (Redis, a solo-pool Celery GPU worker, a CPU worker,
+daphne) the way the Procfile does, for the end-to-end tests and the benchmark. Each stack is
+isolated by its own Redis key prefix, SQLite file, knowledge index and port.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,9 +43,22 @@ class Stack:
     web: subprocess.Popen[bytes]
     log_dir: Path
     prefix: str
+    tag: str = ""
+    port: int = 0
 
     def worker_alive(self) -> bool:
         return any(True for _ in self.redis.scan_iter(match=f"{self.prefix}:worker:*"))
+
+    def restart(self) -> None:
+        """Stop daphne and the GPU worker (SIGTERM) and start new ones on the same port, database,
+        Redis prefix and knowledge index; return once both answer again."""
+        _stop(self.web)
+        _stop(self.worker)
+        _wait(lambda: not self.worker_alive(), 15, "the old worker's heartbeat to go", [], self.log_dir)
+        self.worker = _start_worker(self.tag, self.env, self.log_dir)
+        self.web = _start_web(self.port, self.env, self.log_dir / "web-restarted.log")
+        _wait(lambda: _web_up(self.base_url), 60, "the restarted daphne", [self.worker, self.web], self.log_dir)
+        _wait(self.worker_alive, 120, "the restarted worker's heartbeat", [self.worker, self.web], self.log_dir)
 
 
 def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -75,6 +89,14 @@ def _wait(predicate, timeout: float, what: str, procs: list[subprocess.Popen[byt
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def _start_worker(tag: str, env: dict[str, str], log_dir: Path) -> subprocess.Popen[bytes]:
+    """The GPU worker, as the Procfile starts it (appending to the stack's worker.log)."""
+    cmd = [str(BIN / "celery"), "-A", "celery_app", "worker", "-P", "solo", "-Q", "gpu", "--loglevel", "INFO"]
+    cmd += ["-n", f"{tag}-{os.getpid()}@%h", "--without-mingle", "--without-gossip", "--without-heartbeat"]
+    handle = (log_dir / "worker.log").open("ab")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def _start_web(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     return _start([str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "leafresh.asgi:application"], env, log)
 
@@ -98,6 +120,19 @@ def launch_web(stack: Stack, tag: str, extra_env: dict[str, str]) -> Iterator[st
         yield base_url
     finally:
         _stop(web)
+
+
+def _index_knowledge(env: dict[str, str], index_dir: Path) -> None:
+    """Give the stack its own knowledge index (LEAFRESH_QDRANT_PATH) of the seeded documents.
+
+    A fresh database gives the seeded documents the same ids every time, so the index is built once
+    under var/test/qdrant-seed (incrementally: nothing is embedded when it is up to date) and copied.
+    """
+    seed = ROOT / "var" / "test" / "qdrant-seed"
+    build = [str(BIN / "python"), "manage.py", "build_index", "--no-progress-bar"]
+    subprocess.run(build, cwd=ROOT, env={**env, "LEAFRESH_QDRANT_PATH": str(seed)}, check=True, stdout=subprocess.DEVNULL)
+    shutil.copytree(seed, index_dir, dirs_exist_ok=True)
+    env["LEAFRESH_QDRANT_PATH"] = str(index_dir)
 
 
 @contextmanager
@@ -128,36 +163,26 @@ def launch_stack(tag: str, extra_env: dict[str, str] | None = None) -> Iterator[
     subprocess.run([str(BIN / "python"), "manage.py", "ensure_redis"], cwd=ROOT, env=env, check=True)
     client = redis.Redis.from_url(redis_url)
     subprocess.run([str(BIN / "python"), "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
-    worker = _start(
+    _index_knowledge(env, log_dir / "qdrant")
+    cpu_worker = _start(
         [
-            str(BIN / "celery"),
-            "-A",
-            "celery_app",
-            "worker",
-            "-P",
-            "solo",
-            "-Q",
-            "gpu",
-            "--loglevel",
-            "INFO",
-            "-n",
-            f"{tag}-{os.getpid()}@%h",
-            "--without-mingle",
-            "--without-gossip",
-            "--without-heartbeat",
+            *[str(BIN / "celery"), "-A", "celery_app", "worker", "-P", "solo", "-Q", "cpu", "--loglevel", "INFO"],
+            *["-n", f"cpu-{tag}-{os.getpid()}@%h", "--without-mingle", "--without-gossip", "--without-heartbeat"],
         ],
         env,
-        log_dir / "worker.log",
+        log_dir / "cpu-worker.log",
     )
+    worker = _start_worker(tag, env, log_dir)
     web = _start_web(port, env, log_dir / "web.log")
     base_url = f"http://127.0.0.1:{port}"
-    stack = Stack(base_url, f"ws://127.0.0.1:{port}", base_url, env, client, worker, web, log_dir, prefix)
+    stack = Stack(base_url, f"ws://127.0.0.1:{port}", base_url, env, client, worker, web, log_dir, prefix, tag, port)
     try:
         _wait(lambda: _web_up(base_url), 60, "daphne /healthz", [worker, web], log_dir)
         _wait(stack.worker_alive, 120, "the GPU worker's heartbeat", [worker, web], log_dir)
         yield stack
     finally:
-        _stop(web)
+        _stop(stack.web)
         _stop(stack.worker)
+        _stop(cpu_worker)
         for key in client.scan_iter(match=f"{prefix}:*"):
             client.delete(key)

@@ -13,11 +13,17 @@ import time
 
 import httpx
 
-from tests.helpers import assert_deltas_render_answer, assert_one_terminal_last, assert_valid_answer, get_sse, ws_exchange
+from tests.helpers import (
+    BASE_INFO,
+    FREE_TEXT,
+    assert_deltas_render_answer,
+    assert_one_terminal_last,
+    assert_valid_answer,
+    get_sse,
+    ws_exchange,
+)
 from tests.stack import launch_stack, launch_web
 
-BASE_INFO = "/ai/chatbot/recommendation/base-info"
-FREE_TEXT = "/ai/chatbot/recommendation/free-text"
 PARAMS = {"sessionId": "layers", "location": "도시", "workType": "영업직", "category": "제로웨이스트"}
 
 

@@ -13,6 +13,8 @@ from websockets.sync.client import connect
 
 from chatbot import contract
 from tests.helpers import (
+    BASE_INFO,
+    FREE_TEXT,
     assert_deltas_render_answer,
     assert_one_terminal_last,
     assert_valid_answer,
@@ -21,8 +23,6 @@ from tests.helpers import (
     ws_exchange,
 )
 
-BASE_INFO = "/ai/chatbot/recommendation/base-info"
-FREE_TEXT = "/ai/chatbot/recommendation/free-text"
 KOREAN_BASE_INFO = {"sessionId": "e2e-base", "location": "해안가", "workType": "사무직", "category": "제로웨이스트"}
 
 

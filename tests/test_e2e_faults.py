@@ -14,9 +14,7 @@ import time
 import httpx
 from websockets.sync.client import connect
 
-from tests.helpers import SSEStream, assert_one_terminal_last, parse_sse
-
-FREE_TEXT = "/ai/chatbot/recommendation/free-text"
+from tests.helpers import FREE_TEXT, SSEStream, assert_one_terminal_last, parse_sse
 
 
 def _cancelled_in_engine(stack, request_id: str) -> bool:

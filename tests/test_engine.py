@@ -46,7 +46,7 @@ class ListSink:
     def challenge(self, request: GenerationRequest, index: int, card: dict[str, str]) -> None:
         self.events.append(("challenge", request.request_id, (index, card)))
 
-    def done(self, request: GenerationRequest, answer: dict, *, usage: dict, timings: dict) -> None:
+    def done(self, request: GenerationRequest, answer: dict, *, usage: dict, timings: dict, model: str = "") -> None:
         self.events.append(("done", request.request_id, {"answer": answer, "usage": usage, "timings": timings}))
         self._end()
 

@@ -6,17 +6,27 @@ import pytest
 
 from chatbot import contract
 from chatbot.contract import ContractError, check_base_info, check_free_text
+from chatbot.knowledge.store import Hit
 from chatbot.models import Category, ModerationTerm, PromptTemplate
 from chatbot.prompts import PromptTemplateError, build_messages
 from chatbot.services import (
     PresetAnswer,
+    Recommendation,
     recommendation_build_base_info,
     recommendation_build_free_text,
+    recommendation_plan_free_text,
     session_group_name,
 )
 from inference.types import GenerationRequest
 
 pytestmark = pytest.mark.django_db
+
+
+def _free_text(message: str, session_id: str = "s", passages: tuple[Hit, ...] = ()) -> GenerationRequest | PresetAnswer:
+    """The free-text request the service builds for `message` with these retrieved passages."""
+    plan = recommendation_plan_free_text(checked=check_free_text({"sessionId": session_id, "message": message}))
+    built = plan if isinstance(plan, Recommendation) else recommendation_build_free_text(plan=plan, passages=list(passages))
+    return built.item
 
 
 def test_migration_seeds_eight_categories_and_two_active_prompts() -> None:
@@ -36,7 +46,8 @@ def test_migration_seeds_eight_categories_and_two_active_prompts() -> None:
 def test_base_info_request_carries_the_prompt_category_and_sampling() -> None:
     request = recommendation_build_base_info(
         checked=check_base_info({"sessionId": "s1", "location": "농촌", "workType": "현장직", "category": "업사이클"})
-    )
+    ).item
+    assert isinstance(request, GenerationRequest)
     assert request.default_category == "UPCYCLING" and request.category_labels["UPCYCLING"] == "업사이클"
     assert [m["role"] for m in request.messages] == ["system", "user"]
     assert "농촌" in request.messages[1]["content"] and "업사이클" in request.messages[1]["content"]
@@ -56,9 +67,7 @@ def test_an_inactive_category_is_rejected_without_a_restart() -> None:
 
 
 def test_free_text_lets_the_model_choose_among_the_active_categories_keyword_matches_listed_first() -> None:
-    request = recommendation_build_free_text(
-        checked=check_free_text({"sessionId": "s", "message": "이메일이랑 클라우드 정리를 하고 싶어요"})
-    )
+    request = _free_text("이메일이랑 클라우드 정리를 하고 싶어요")
     assert isinstance(request, GenerationRequest) and request.default_category is None
     enum = request.schema["properties"]["challenges"]["items"]["properties"]["category"]["enum"]
     assert enum == list(Category.objects.filter(is_active=True).values_list("label", flat=True))
@@ -68,11 +77,11 @@ def test_free_text_lets_the_model_choose_among_the_active_categories_keyword_mat
     vegan = Category.objects.get(code="VEGAN")
     vegan.is_active = False
     vegan.save()
-    request = recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": "채식 식단"}))
+    request = _free_text("채식 식단")
     assert "비건" not in request.schema["properties"]["challenges"]["items"]["properties"]["category"]["enum"]
     assert "비건" not in request.messages[1]["content"] and "VEGAN" not in request.category_labels
     Category.objects.create(code="WATER", label="물 절약", order=99)
-    request = recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": "샤워 시간을 줄이고 싶어요"}))
+    request = _free_text("샤워 시간을 줄이고 싶어요")
     assert "물 절약" in request.schema["properties"]["challenges"]["items"]["properties"]["category"]["enum"]
     assert request.category_labels["WATER"] == "물 절약" and "물 절약" in request.messages[1]["content"]
 
@@ -87,7 +96,7 @@ def test_free_text_lets_the_model_choose_among_the_active_categories_keyword_mat
     ],
 )
 def test_off_topic_and_abusive_messages_get_a_polite_preset_answer(message: str, reason: str, reply: str) -> None:
-    answer = recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": message}))
+    answer = _free_text(message)
     assert isinstance(answer, PresetAnswer) and answer.reason == reason
     assert answer.answer == {"recommend": reply, "challenges": []}
 
@@ -104,23 +113,17 @@ def test_off_topic_and_abusive_messages_get_a_polite_preset_answer(message: str,
     ],
 )
 def test_ordinary_eco_messages_are_not_mistaken_for_abuse_or_off_topic(message: str) -> None:
-    assert isinstance(
-        recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": message})), GenerationRequest
-    )
+    assert isinstance(_free_text(message), GenerationRequest)
 
 
 def test_moderation_terms_are_edited_in_the_database_without_a_restart() -> None:
     message = "점심 메뉴 추천해 주세요"
-    assert isinstance(
-        recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": message})), GenerationRequest
-    )
+    assert isinstance(_free_text(message), GenerationRequest)
     term = ModerationTerm.objects.create(kind="off_topic", term="점심 메뉴")
-    assert recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": message})).reason == "off_topic"
+    assert _free_text(message).reason == "off_topic"
     term.is_active = False
     term.save()
-    assert isinstance(
-        recommendation_build_free_text(checked=check_free_text({"sessionId": "s", "message": message})), GenerationRequest
-    )
+    assert isinstance(_free_text(message), GenerationRequest)
 
 
 def test_user_text_is_substituted_as_text_not_as_template_syntax() -> None:
