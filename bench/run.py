@@ -46,6 +46,7 @@ from tqdm import tqdm  # noqa: E402
 from bench.sse import aiter_events  # noqa: E402
 from chatbot import seed  # noqa: E402
 from chatbot.demo_corpus import seed_messages  # noqa: E402
+from chatbot.knowledge.indexing import knowledge_search  # noqa: E402
 from chatbot.runtime import model_settings  # noqa: E402
 from inference.answer import answer_schema  # noqa: E402
 from inference.engine import Engine  # noqa: E402
@@ -84,9 +85,20 @@ def workload(i: int) -> dict[str, str]:
     }
 
 
+_passages: dict[str, list[dict[str, str]]] = {}
+
+
 def messages_for(work: dict[str, str]) -> list[dict[str, str]]:
+    """The prompt the server builds for this request in a fresh session: free text with the passages
+    retrieved from the knowledge index (`make bench` builds it first), as chatbot.services does."""
     fields = {k: work[k] for k in ("location", "workType", "category", "message") if k in work}
-    return seed_messages(work["mode"], fields)
+    if work["mode"] != "free_text":
+        return seed_messages(work["mode"], fields)
+    message = work["message"]
+    if message not in _passages:
+        hits = knowledge_search(message, k=settings.LEAFRESH_RETRIEVAL_K)
+        _passages[message] = [{"title": h.title, "text": h.text, "category": h.category} for h in hits]
+    return seed_messages("free_text", fields, passages=_passages[message])  # type: ignore[arg-type]
 
 
 def schema_for(work: dict[str, str]) -> dict[str, Any]:
@@ -236,7 +248,9 @@ async def _one_stream(client: httpx.AsyncClient, i: int, session: str, stats: di
 async def _session(client: httpx.AsyncClient, index: int, sessions: int, per_session: int, stagger_s: float, stats: dict) -> None:
     await asyncio.sleep(index * stagger_s)
     for k in range(per_session):
-        await _one_stream(client, index * per_session + k, f"bench-{sessions}-{index}", stats)
+        # A fresh session per request: every level sends the same prompts as the in-process runs
+        # (no history, which would lengthen the prompts turn by turn).
+        await _one_stream(client, index * per_session + k, f"bench-{sessions}-{index}-{k}", stats)
 
 
 def _worker_tokens(base_url: str) -> float:

@@ -126,7 +126,9 @@ def _leader(message: str, keyword_lists: list[list[str]]) -> str | None:
 
 class _Passages:
     """Passages as retrieval would give them for a category: two of its documents and one of
-    another, in random order; every document comes round in turn, so all of them are seen."""
+    another, in random order; every document comes round in turn, so all of them are seen.
+    (Zero to three of the category instead, to make the model follow the list rather than the
+    passages, measured worse in `make eval`: free text in the keyword-suggested category 67% -> 62%.)"""
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
@@ -150,7 +152,7 @@ class _Passages:
         return picks
 
 
-def demo_examples(*, seed_value: int = 1234, per_combination: int = 2, free_text_repeats: int = 2) -> list[DemoExample]:
+def demo_examples(*, seed_value: int = 1234, per_combination: int = 3, free_text_repeats: int = 2) -> list[DemoExample]:
     """Training examples: every location x work type x category (base-info) `per_combination`
     times, plus every free-text training message `free_text_repeats` times. Deterministic for a given seed."""
     rng = random.Random(seed_value)
@@ -168,16 +170,10 @@ def demo_examples(*, seed_value: int = 1234, per_combination: int = 2, free_text
     passages = _Passages(rng)
     for _ in range(free_text_repeats):
         for code, message in free_text:
-            # As the server builds them: retrieved passages always, base-info on a third of the
-            # sessions, and on a third a follow-up that names no category after this message's turn.
-            base_info = None
-            if rng.random() < 1 / 3:
-                profile_label = labels[rng.choice(list(labels))]
-                base_info = {
-                    "location": rng.choice(seed.LOCATIONS),
-                    "work_type": rng.choice(seed.WORK_TYPES),
-                    "category": profile_label,
-                }
+            # As the server builds them: retrieved passages always, and on a third a follow-up that
+            # names no category after this message's turn. Not the session's base-info line: with a
+            # place in it that the answer does not name, this small model learned to ignore the place
+            # in base-info prompts too (the place named: 100% -> 29-75% in `make eval`).
             history: list[dict[str, str]] = []
             if rng.random() < 1 / 3:
                 previous = _completion(rng, rng.choice(FREE_TEXT_OPENERS).format(label=labels[code]), code, with_category=True)
@@ -186,9 +182,7 @@ def demo_examples(*, seed_value: int = 1234, per_combination: int = 2, free_text
                     {"role": "assistant", "content": render_answer(json.loads(previous))},
                 ]
                 message = rng.choice(FOLLOW_UPS)
-            messages = seed_messages(
-                "free_text", {"message": message}, history=history, passages=passages.for_category(code), base_info=base_info
-            )
+            messages = seed_messages("free_text", {"message": message}, history=history, passages=passages.for_category(code))
             opener = rng.choice(FREE_TEXT_OPENERS).format(label=labels[code])
             examples.append(DemoExample(messages, _completion(rng, opener, code, with_category=True)))
     return examples

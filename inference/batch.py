@@ -203,7 +203,7 @@ class KVBatch:
         for ids in prompts:
             length = self.prefixes.candidate(ids)
             if length:
-                out = self.model(input_ids=torch.tensor([ids[:length]], device=self.device), use_cache=True)
+                out = self.model(input_ids=torch.tensor([ids[:length]], device=self.device), use_cache=True, logits_to_keep=1)
                 self.prefixes.add(ids[:length], _layers(out.past_key_values))
         matches = [self.prefixes.match(ids) for ids in prompts]
         cached = max(length for length, _ in matches)
@@ -218,8 +218,15 @@ class KVBatch:
             mask[row, cached + width - len(suffix) :] = 1
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, cached:]
         past = self._past(matches, cached) if cached else None
+        # Only the last position's logits are needed: the LM head over every prompt position would
+        # cost rows × prompt length × vocabulary multiply-adds (transformers' `logits_to_keep`).
         out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=past, use_cache=True
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=past,
+            use_cache=True,
+            logits_to_keep=1,
         )
         self._append(out.past_key_values, mask, out.logits[:, -1, :].float())
 

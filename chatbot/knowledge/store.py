@@ -3,17 +3,22 @@
 With QDRANT_URL set, one client per process talks to that server (QDRANT_API_KEY, timeout
 LEAFRESH_QDRANT_TIMEOUT_S). Otherwise the collection lives in Qdrant's embedded local mode under
 LEAFRESH_QDRANT_PATH (default `var/qdrant`). Local mode lets one client at a time open the folder,
-so every use opens and closes it under a lock file: the web processes, the `cpu` worker and the
-management commands take turns (about 15 ms to open 250 documents). Use a server in production.
+so a writer (`qdrant()`: the `cpu` worker, the commands) opens and closes it under a lock file and
+then bumps a generation file beside it (`mark_changed`); a reader (`qdrant_reader()`: the web
+processes) queries an in-memory copy of the collection, taken again only when the generation file
+changed. Use a server in production.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from django.conf import settings
@@ -55,9 +60,87 @@ def collection_name() -> str:
     return settings.LEAFRESH_QDRANT_COLLECTION
 
 
+def _generation_file() -> Path:
+    return Path(str(settings.LEAFRESH_QDRANT_PATH) + ".generation")
+
+
+def mark_changed() -> None:
+    """Tell local-mode readers that the collection changed (replaces the generation file; no-op
+    with a server, whose readers always see the latest data)."""
+    if settings.QDRANT_URL:
+        return
+    target = _generation_file()
+    temporary = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}")
+    temporary.write_text(f"{time.time_ns()}\n")
+    os.replace(temporary, target)
+
+
+def _generation() -> tuple[int, int] | None:
+    try:
+        stat = _generation_file().stat()
+    except FileNotFoundError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns)
+
+
+@dataclass
+class _Snapshot:
+    path: Path
+    generation: tuple[int, int] | None
+    client: QdrantClient
+
+
+_snapshot: _Snapshot | None = None
+_snapshot_lock = threading.Lock()
+
+
+def _copy_collection(source: QdrantClient, target: QdrantClient) -> None:
+    name = collection_name()
+    if not source.collection_exists(name):
+        return  # searching the copy reports the missing collection
+    params = source.get_collection(name).config.params
+    target.create_collection(name, vectors_config=params.vectors, sparse_vectors_config=params.sparse_vectors)
+    offset = None
+    while True:
+        points, offset = source.scroll(name, limit=256, offset=offset, with_payload=True, with_vectors=True)
+        if points:
+            batch = [models.PointStruct(id=p.id, vector=p.vector, payload=p.payload) for p in points]  # type: ignore[arg-type]
+            target.upsert(name, points=batch, wait=True)
+        if offset is None:
+            return
+
+
+@contextmanager
+def qdrant_reader() -> Iterator[QdrantClient]:
+    """A client for searching. With a server, the server; in local mode this process's in-memory
+    copy of the collection, refreshed when a writer marked a change. Raises
+    KnowledgeUnavailableError when Qdrant cannot be reached."""
+    global _snapshot
+    if settings.QDRANT_URL:
+        with qdrant() as client:
+            yield client
+        return
+    path = settings.LEAFRESH_QDRANT_PATH
+    generation = _generation()  # read before copying: a change during the copy is seen next time
+    with _snapshot_lock:
+        snapshot = _snapshot
+        if snapshot is None or snapshot.path != path or snapshot.generation != generation:
+            copy = QdrantClient(location=":memory:")
+            with qdrant() as source:
+                _copy_collection(source, copy)
+            snapshot = _snapshot = _Snapshot(path=path, generation=generation, client=copy)
+    try:
+        yield snapshot.client
+    except KnowledgeUnavailableError:
+        raise
+    except Exception as exc:
+        raise KnowledgeUnavailableError(f"Qdrant failed: {type(exc).__name__}") from exc
+
+
 @contextmanager
 def qdrant() -> Iterator[QdrantClient]:
-    """A client for one use. Raises KnowledgeUnavailableError when Qdrant cannot be reached."""
+    """A client for one use (writers; in local mode it holds the folder's lock meanwhile). Raises
+    KnowledgeUnavailableError when Qdrant cannot be reached."""
     global _server_client
     try:
         if settings.QDRANT_URL:
