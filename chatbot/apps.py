@@ -27,4 +27,11 @@ class ChatbotConfig(AppConfig):
             transaction.on_commit(lambda: knowledge_reindex_later(document_id=document_id))
 
         post_save.connect(reindex, sender=KnowledgeDocument, weak=False, dispatch_uid="knowledge-reindex-save")
+
+        def reindex_category(instance: Category, **kwargs: object) -> None:
+            # Its documents' sparse vectors index the label and keywords; their payload the label.
+            ids = list(instance.documents.values_list("pk", flat=True))
+            transaction.on_commit(lambda: [knowledge_reindex_later(document_id=i) for i in ids])
+
+        post_save.connect(reindex_category, sender=Category, weak=False, dispatch_uid="knowledge-reindex-category")
         post_delete.connect(reindex, sender=KnowledgeDocument, weak=False, dispatch_uid="knowledge-reindex-delete")

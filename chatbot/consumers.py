@@ -102,6 +102,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             logger.error("knowledge base unavailable: %s", exc)
             await self._error(503, contract.MESSAGE_KNOWLEDGE_UNAVAILABLE)
             return
+        except Exception:  # the database or a bug: one clear frame, and the socket stays open
+            logger.exception("could not prepare the recommendation")
+            await self._error(500, contract.MESSAGE_INTERNAL)
+            return
         active = self.active = _Active(request_id=generation.request_id)
         active.task = asyncio.create_task(self._relay(generation, active))
 

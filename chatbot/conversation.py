@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import transaction
+from django.utils import timezone
 
 from chatbot.models import Category, ChatSession, Turn
 
@@ -68,11 +69,12 @@ def turn_record(*, draft: TurnDraft, request_id: str, outcome: TurnOutcome) -> T
     """Store a finished turn (creating its session, and remembering base-info when it has some)."""
     with transaction.atomic():
         session, _ = ChatSession.objects.get_or_create(session_id=draft.session_id)
+        # Only the columns this turn changes: a turn of another mode ending at the same moment must
+        # not write back stale base-info.
+        changes: dict[str, Any] = {"updated_at": timezone.now()}  # the session's last activity
         if draft.base_info is not None:
-            session.location = draft.base_info["location"]
-            session.work_type = draft.base_info["work_type"]
-            session.category = draft.base_info["category"]
-        session.save()  # updated_at: the session's last activity
+            changes |= {k: draft.base_info[k] for k in ("location", "work_type", "category")}
+        ChatSession.objects.filter(pk=session.pk).update(**changes)
         return Turn.objects.create(
             session=session,
             request_id=request_id,

@@ -202,6 +202,7 @@ def recommendation_build_free_text(*, plan: FreeTextPlan, passages: list[Hit]) -
     message as delimited, untrusted context, and the recent turns into the request's history.
     """
     labels = {c.code: c.label for c in plan.categories}
+    passages = [p for p in passages if p.category in labels]  # not those of a since deactivated category
     ranked = categories_for_message(message=plan.query, categories=plan.categories, hints=[p.category for p in passages])
     fields = {"message": plan.checked.message, "categories": category_list_text([(c.code, c.label) for c in ranked])}
     context = context_text([(labels.get(p.category, p.category), p.title, p.text) for p in passages])

@@ -259,11 +259,15 @@ async def answer_events(recommendation: Recommendation) -> AsyncIterator[dict[st
             usage=dict(event.get("usage") or {}) if event else {},
             model=str(event.get("model") or "") if event else "",
         )
+        write = asyncio.ensure_future(
+            sync_to_async(turn_record)(draft=recommendation.turn, request_id=item.request_id, outcome=outcome)
+        )
         try:
-            await asyncio.shield(
-                sync_to_async(turn_record)(draft=recommendation.turn, request_id=item.request_id, outcome=outcome)
-            )
-        except Exception:
+            # Bounded: a locked database must not hold the terminal event back; the write goes on.
+            await asyncio.wait_for(asyncio.shield(write), timeout=settings.LEAFRESH_TURN_RECORD_TIMEOUT_S)
+        except TimeoutError:
+            logger.warning("recording the turn of request %s is slow; the answer ends without waiting", item.request_id)
+        except Exception:  # the answer still reaches the client; the turn is lost from history
             logger.exception("could not record the turn of request %s", item.request_id)
 
     try:

@@ -129,6 +129,9 @@ async def _recommend(request: HttpRequest, mode: str) -> HttpResponse:
         if request.method == "POST":
             return _json(contract.envelope(503, contract.MESSAGE_KNOWLEDGE_UNAVAILABLE, None), status=503)
         return _sse_response(_sse_error(503, contract.MESSAGE_KNOWLEDGE_UNAVAILABLE))
+    except Exception:  # the database or a bug: the contract's envelope, never Django's HTML page
+        logger.exception("could not prepare the recommendation")
+        return _json(contract.envelope(500, contract.MESSAGE_INTERNAL, None), status=500)
     if request.method == "POST":
         return await _answer_json(generation)
     return _sse_response(_sse_body(generation), generation.request_id)

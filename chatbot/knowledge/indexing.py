@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from qdrant_client import QdrantClient, models
+from qdrant_client import models
 
 from chatbot.knowledge import dense, sparse, store
-from chatbot.knowledge.store import Hit
+from chatbot.knowledge.store import Hit, KnowledgeUnavailableError
 from chatbot.models import KnowledgeDocument
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ def _payload(doc: KnowledgeDocument) -> dict[str, object]:
         "title": doc.title,
         "text": doc.text,
         "category": doc.category.code,
+        "label": doc.category.label,
         "location": doc.location,
         "work_type": doc.work_type,
         "is_active": doc.is_active,
@@ -48,13 +49,13 @@ def _payload(doc: KnowledgeDocument) -> dict[str, object]:
     return payload
 
 
-def _upsert(client: QdrantClient, docs: Sequence[KnowledgeDocument], payloads: Sequence[dict[str, object]]) -> None:
+def _points(docs: Sequence[KnowledgeDocument], payloads: Sequence[dict[str, object]]) -> list[models.PointStruct]:
+    """The documents' points (embeds them: done before opening Qdrant, so local mode's lock is short)."""
     vectors = dense.embed([_indexed_text(d) for d in docs])
-    points = [
+    return [
         store.point(id=d.pk, dense=v, sparse=sparse.document_vector(_lexical_text(d)), payload=p)
         for d, v, p in zip(docs, vectors, payloads, strict=True)
     ]
-    client.upsert(store.collection_name(), points=points, wait=True)
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,9 @@ def index_build(*, rebuild: bool = False, batch_size: int = 32, progress: Callab
             recreated = store.ensure_collection(client, dimension=dimension, recreate=rebuild)
     for start in range(0, len(stale), batch_size):
         batch = stale[start : start + batch_size]
+        points = _points(batch, [payloads[d.pk] for d in batch])
         with store.qdrant() as client:  # one batch at a time: other processes get their turn in local mode
-            _upsert(client, batch, [payloads[d.pk] for d in batch])
+            client.upsert(store.collection_name(), points=points, wait=True)
         if progress is not None:
             progress(len(batch))
     if gone:
@@ -109,9 +111,10 @@ def index_document(*, document_id: int) -> str:
         store.mark_changed()
         return "deleted"
     vector_size = dense.dimension()
+    points = _points([doc], [_payload(doc)])
     with store.qdrant() as client:
         store.ensure_collection(client, dimension=vector_size)
-        _upsert(client, [doc], [_payload(doc)])
+        client.upsert(store.collection_name(), points=points, wait=True)
     store.mark_changed()
     return "indexed"
 
@@ -123,7 +126,10 @@ def knowledge_search(query: str, *, k: int = 3, category: str | None = None, mod
     evaluation). Blocking: embeds the query (milliseconds once the model is loaded) and queries
     Qdrant. Raises KnowledgeUnavailableError when Qdrant cannot be reached or the index is missing.
     """
-    query_dense = dense.embed([query])[0] if mode in ("hybrid", "dense") else None
+    try:
+        query_dense = dense.embed([query])[0] if mode in ("hybrid", "dense") else None
+    except Exception as exc:  # e.g. a configured model that cannot be found offline
+        raise KnowledgeUnavailableError(f"the embedding model failed: {type(exc).__name__}") from exc
     query_sparse = sparse.query_vector(query) if mode in ("hybrid", "sparse") else None
     with store.qdrant_reader() as client:
         return store.search(client, dense=query_dense, sparse=query_sparse, k=k, category=category)

@@ -71,22 +71,21 @@ def mark_changed() -> None:
         return
     target = _generation_file()
     temporary = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}")
-    temporary.write_text(f"{time.time_ns()}\n")
+    temporary.write_text(f"{time.time_ns()} {os.getpid()} {threading.get_ident()}\n")
     os.replace(temporary, target)
 
 
-def _generation() -> tuple[int, int] | None:
+def _generation() -> str | None:
     try:
-        stat = _generation_file().stat()
+        return _generation_file().read_text()
     except FileNotFoundError:
         return None
-    return (stat.st_ino, stat.st_mtime_ns)
 
 
 @dataclass
 class _Snapshot:
     path: Path
-    generation: tuple[int, int] | None
+    generation: str | None
     client: QdrantClient
 
 
@@ -126,9 +125,16 @@ def qdrant_reader() -> Iterator[QdrantClient]:
         snapshot = _snapshot
         if snapshot is None or snapshot.path != path or snapshot.generation != generation:
             copy = QdrantClient(location=":memory:")
-            with qdrant() as source:
-                _copy_collection(source, copy)
-            snapshot = _snapshot = _Snapshot(path=path, generation=generation, client=copy)
+            try:
+                with qdrant() as source:
+                    _copy_collection(source, copy)
+            except KnowledgeUnavailableError:
+                if snapshot is None or snapshot.path != path:
+                    raise
+                # A writer holds the folder (a long build): the previous copy is better than an error.
+                logger.warning("serving the previous copy of the knowledge index: the folder is busy")
+            else:
+                snapshot = _snapshot = _Snapshot(path=path, generation=generation, client=copy)
     try:
         yield snapshot.client
     except KnowledgeUnavailableError:
