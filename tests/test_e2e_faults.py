@@ -120,19 +120,30 @@ def test_past_the_bounds_a_request_gets_503_at_once_and_a_waiting_socket_sees_it
             socket.close()
 
 
-def test_the_publisher_process_dying_mid_answer_ends_the_stream_with_503(slow_model_dir) -> None:
+def _publisher_of(worker_pid: int):
+    """The worker's publisher process: its one live child that is not multiprocessing's resource
+    tracker (short-lived children that have exited but are not reaped yet are skipped)."""
     import psutil
 
+    live = []
+    for child in psutil.Process(worker_pid).children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(child.cmdline()):
+                live.append(child)
+        except psutil.Error:  # gone, or turned zombie, meanwhile
+            continue
+    assert len(live) == 1, [c.pid for c in live]
+    return live[0]
+
+
+def test_the_publisher_process_dying_mid_answer_ends_the_stream_with_503(slow_model_dir) -> None:
     from tests.stack import launch_stack
 
     env = {"LEAFRESH_MODEL": str(slow_model_dir), "LEAFRESH_HEARTBEAT_TTL_S": "2"}
     with launch_stack("pubdeath", env) as stack, httpx.Client(base_url=stack.base_url, timeout=60) as client:
 
         def kill_publisher() -> None:
-            children = psutil.Process(stack.worker.pid).children(recursive=True)
-            publishers = [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
-            assert len(publishers) == 1, [c.cmdline() for c in children]
-            publishers[0].kill()
+            _publisher_of(stack.worker.pid).kill()
 
         stream, ended_after = _stream_until_first_delta_then(client, "orphan", kill_publisher)
         assert_one_terminal_last(stream)
@@ -141,14 +152,10 @@ def test_the_publisher_process_dying_mid_answer_ends_the_stream_with_503(slow_mo
 
 
 def test_an_idle_worker_whose_publisher_dies_exits(demo_model_dir) -> None:
-    import psutil
-
     from tests.stack import launch_stack
 
     with launch_stack("idledeath", {"LEAFRESH_HEARTBEAT_TTL_S": "2"}) as stack:
-        children = psutil.Process(stack.worker.pid).children(recursive=True)
-        [publisher] = [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
-        publisher.kill()
+        _publisher_of(stack.worker.pid).kill()
         # The next heartbeat notices: the worker exits (EX_SOFTWARE) instead of refusing work forever.
         assert stack.worker.wait(timeout=15) == 70
 
