@@ -12,7 +12,6 @@ class ChatbotConfig(AppConfig):
 
         from chatbot.models import Category, GenerationSettings, KnowledgeDocument, ModerationTerm, PromptTemplate
         from chatbot.selectors import config_cache_clear
-        from chatbot.services import knowledge_reindex_later
 
         def clear(**kwargs: object) -> None:
             config_cache_clear()  # at once, for this process's next read
@@ -23,6 +22,8 @@ class ChatbotConfig(AppConfig):
             post_delete.connect(clear, sender=model, weak=False, dispatch_uid=f"config-cache-{model.__name__}-delete")
 
         def reindex(instance: KnowledgeDocument, **kwargs: object) -> None:
+            from chatbot.services import knowledge_reindex_later  # not at start-up: it pulls in much
+
             document_id = instance.pk
             transaction.on_commit(lambda: knowledge_reindex_later(document_id=document_id))
 
@@ -30,6 +31,8 @@ class ChatbotConfig(AppConfig):
 
         def reindex_category(instance: Category, **kwargs: object) -> None:
             # Its documents' sparse vectors index the label and keywords; their payload the label.
+            from chatbot.services import knowledge_reindex_later
+
             ids = list(instance.documents.values_list("pk", flat=True))
             transaction.on_commit(lambda: [knowledge_reindex_later(document_id=i) for i in ids])
 

@@ -20,9 +20,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 
 from chatbot import contract
 from chatbot.contract import ContractError
-from chatbot.knowledge.store import KnowledgeUnavailableError
-from chatbot.selectors import NotConfiguredError
-from chatbot.services import Recommendation, recommendation_cancel, recommendation_prepare
+from chatbot.services import Recommendation, prepare_failure, recommendation_cancel, recommendation_prepare
 from chatbot.streaming import Ping, answer_events
 
 logger = logging.getLogger(__name__)
@@ -94,17 +92,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except ContractError as exc:
             await self._error(exc.status, exc.message, invalid_fields=exc.invalid_fields)
             return
-        except NotConfiguredError:
-            logger.exception("recommendation is not configured")
-            await self._error(503, contract.MESSAGE_NO_WORKER)
-            return
-        except KnowledgeUnavailableError as exc:
-            logger.error("knowledge base unavailable: %s", exc)
-            await self._error(503, contract.MESSAGE_KNOWLEDGE_UNAVAILABLE)
-            return
-        except Exception:  # the database or a bug: one clear frame, and the socket stays open
-            logger.exception("could not prepare the recommendation")
-            await self._error(500, contract.MESSAGE_INTERNAL)
+        except Exception as exc:  # noqa: BLE001 - prepare_failure logs it; one clear frame, the socket stays open
+            await self._error(*prepare_failure(exc))
             return
         active = self.active = _Active(request_id=generation.request_id)
         active.task = asyncio.create_task(self._relay(generation, active))

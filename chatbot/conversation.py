@@ -15,6 +15,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from chatbot.models import Category, ChatSession, Turn
+from chatbot.selectors import category_get_active
 
 Message = dict[str, str]
 
@@ -53,12 +54,16 @@ class TurnOutcome:
 @dataclass(frozen=True)
 class SessionContext:
     """What a free-text prompt takes from a session: its base-info (location, work type, category
-    label; None when it was never given), its completed turns as chat messages (oldest first, at most
-    the requested number of turns) and those turns' user texts (oldest first)."""
+    label; None when it was never given) and its completed turns as chat messages (oldest first, at
+    most the requested number of turns)."""
 
     base_info: dict[str, str] | None = None
     history: list[Message] = field(default_factory=list)
-    user_texts: list[str] = field(default_factory=list)
+
+    @property
+    def user_texts(self) -> list[str]:
+        """The turns' user texts, oldest first."""
+        return [m["content"] for m in self.history if m["role"] == "user"]
 
 
 def _stamp(unix: float) -> dt.datetime:
@@ -106,7 +111,8 @@ def session_context(*, session_id: str, max_turns: int) -> SessionContext:
         return SessionContext()
     base_info = None
     if session.location or session.work_type or session.category:
-        category = Category.objects.filter(code=session.category).first()
+        # The cached active categories first; a category deactivated since needs a read of its own.
+        category = category_get_active(label_or_code=session.category) or Category.objects.filter(code=session.category).first()
         label = category.label if category is not None else session.category
         base_info = {"location": session.location, "work_type": session.work_type, "category": label}
     turns = list(
@@ -118,7 +124,7 @@ def session_context(*, session_id: str, max_turns: int) -> SessionContext:
     history: list[Message] = []
     for turn in turns:
         history += [{"role": "user", "content": turn.user_text}, {"role": "assistant", "content": turn.answer_text}]
-    return SessionContext(base_info=base_info, history=history, user_texts=[t.user_text for t in turns])
+    return SessionContext(base_info=base_info, history=history)
 
 
 def _turn_json(turn: Turn) -> dict[str, Any]:

@@ -60,10 +60,11 @@ def seed_messages(
     if mode == "free_text":
         passages = passages or []
         previous = [m["content"] for m in history or [] if m["role"] == "user"]
-        query = conversation_query(fields["message"], previous, _keyword_lists())
+        keyword_lists = _keyword_lists()
+        query = conversation_query(fields["message"], previous, keyword_lists)
         hints = hint_ranks([c["code"] for c in seed.CATEGORIES], [p["category"] for p in passages])
-        ranked = [seed.CATEGORIES[i] for i in rank_by_keywords(query, _keyword_lists(), hints)]
-        fields = {**fields, "categories": category_list_text([(c["code"], c["label"]) for c in ranked])}
+        ranked = [seed.CATEGORIES[i] for i in rank_by_keywords(query, keyword_lists, hints)]
+        fields = {**fields, "categories": category_list_text([c["label"] for c in ranked])}
         labels = {c["code"]: c["label"] for c in seed.CATEGORIES}
         context = context_text([(labels[p["category"]], p["title"], p["text"]) for p in passages])
         profile = profile_text(base_info)

@@ -12,6 +12,8 @@ from typing import ClassVar
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
+from chatbot.seed import LOCATIONS, WORK_TYPES
+
 
 class Category(models.Model):
     """A challenge category: `code` is the contract value (e.g. ZERO_WASTE), `label` the Korean name."""
@@ -100,6 +102,10 @@ class ModerationTerm(models.Model):
         return f"{self.get_kind_display()}: {self.term}"
 
 
+def _tag_choices(values: list[str]) -> list[tuple[str, str]]:
+    return [("", "전체"), *((value, value) for value in values)]
+
+
 class KnowledgeDocument(models.Model):
     """A short practice document the free-text answers are grounded in (retrieved from Qdrant).
 
@@ -108,25 +114,12 @@ class KnowledgeDocument(models.Model):
     never retrieved.
     """
 
-    class Location(models.TextChoices):
-        ANY = "", "전체"
-        CITY = "도시", "도시"
-        COAST = "해안가", "해안가"
-        MOUNTAIN = "산", "산"
-        FARM = "농촌", "농촌"
-
-    class WorkType(models.TextChoices):
-        ANY = "", "전체"
-        OFFICE = "사무직", "사무직"
-        SALES = "영업직", "영업직"
-        FIELD = "현장직", "현장직"
-        REMOTE = "재택근무", "재택근무"
-
     title = models.CharField(max_length=80)
     text = models.TextField(max_length=1000)
     category = models.ForeignKey(Category, on_delete=models.PROTECT, related_name="documents")
-    location = models.CharField(max_length=8, choices=Location.choices, blank=True, default="")
-    work_type = models.CharField(max_length=8, choices=WorkType.choices, blank=True, default="")
+    # The places and work types of the seed data (chatbot.seed), or "" for any.
+    location = models.CharField(max_length=8, choices=_tag_choices(LOCATIONS), blank=True, default="")
+    work_type = models.CharField(max_length=8, choices=_tag_choices(WORK_TYPES), blank=True, default="")
     is_active = models.BooleanField(default=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -110,10 +110,10 @@ def hint_ranks(codes: Sequence[str], hints: Sequence[str]) -> list[int]:
     return [first.get(code, len(hints)) for code in codes]
 
 
-def category_list_text(categories: Sequence[tuple[str, str]]) -> str:
-    """The free-text prompt's `{categories}` text from (code, label) pairs: the Korean labels, comma-separated.
+def category_list_text(labels: Sequence[str]) -> str:
+    """The free-text prompt's `{categories}` text: the Korean labels, comma-separated.
 
     The codes stay out of the prompt: the grammar's enum offers only them where a category is
     written, and a small model given codes in the prompt copied them into its sentences.
     """
-    return ", ".join(label for _, label in categories)
+    return ", ".join(labels)

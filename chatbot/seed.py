@@ -1,7 +1,7 @@
 """Seed data the project writes in its own words: categories, prompts, and a challenge bank.
 
-The data migrations seed the database from CATEGORIES, PROMPTS, MODERATION_TERMS and the knowledge
-documents (knowledge_documents); the demo model
+The data migrations seed the database from CATEGORIES, PROMPTS and the knowledge documents
+(knowledge_documents; migration 0004 carries its own moderation terms); the demo model
 (`python manage.py train_demo_model`) is trained on synthetic answers built from
 LOCATIONS, WORK_TYPES and CHALLENGE_BANK. Editors change categories and prompts in
 the admin afterwards; this module is only the starting point.
@@ -90,15 +90,6 @@ PROMPTS: list[PromptSeed] = [
         "user_template": "카테고리 목록: {categories}\n사용자 메시지: {message}",
     },
 ]
-
-
-# Free-text messages that get a polite reply instead of a recommendation (editable in the admin).
-# A term matches where a word of the message begins with it (so "비트코인을" matches "비트코인", and
-# "시발점" or "책을 대출해서" are not mistaken): only words that are not also ordinary Korean.
-MODERATION_TERMS: dict[str, list[str]] = {
-    "abuse": ["씨발", "ㅅㅂ", "병신", "ㅂㅅ", "개새끼", "좆", "존나", "닥쳐", "fuck", "shit"],
-    "off_topic": ["비트코인", "가상화폐", "주식 투자", "주식 종목", "로또", "도박", "해킹", "숙제 대신", "야동", "대통령 선거"],
-}
 
 
 # A few challenges per category, used to synthesise the demo model's training answers.

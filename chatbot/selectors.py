@@ -41,9 +41,10 @@ def category_list_active() -> list[Category]:
     return _cached("categories", lambda: list(Category.objects.filter(is_active=True).order_by("order", "code")))
 
 
-def category_get_active(*, label_or_code: str) -> Category | None:
-    """The active category whose Korean label or code equals the value (code case-insensitively)."""
-    for category in category_list_active():
+def category_get_active(*, label_or_code: str, categories: list[Category] | None = None) -> Category | None:
+    """The active category whose Korean label or code equals the value (code case-insensitively);
+    `categories`: the active categories when the caller has read them already."""
+    for category in category_list_active() if categories is None else categories:
         if label_or_code == category.label or label_or_code.upper() == category.code:
             return category
     return None
@@ -57,10 +58,7 @@ def category_keyword_lists(categories: Sequence[Category]) -> list[list[str]]:
 def categories_for_message(*, message: str, categories: list[Category], hints: Sequence[str] = ()) -> list[Category]:
     """`categories`, those whose label and keywords occur most often in the message first; ties go
     to the categories named in `hints` (codes, e.g. of the retrieved passages, earlier first), then
-    to the given (display) order: the list a free-text prompt offers the model. Raises
-    NotConfiguredError when there is none."""
-    if not categories:
-        raise NotConfiguredError("no active category")
+    to the given (display) order: the list a free-text prompt offers the model."""
     tiebreak = hint_ranks([c.code for c in categories], hints)
     order = rank_by_keywords(message, category_keyword_lists(categories), tiebreak)
     return [categories[i] for i in order]

@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
@@ -22,7 +22,7 @@ from django.conf import settings
 from chatbot import contract
 from chatbot.contract import BaseInfoInput, ContractError, FreeTextInput
 from chatbot.conversation import SessionContext, TurnDraft, session_context
-from chatbot.knowledge.store import Hit
+from chatbot.knowledge import KnowledgeUnavailableError
 from chatbot.models import Category, PromptTemplate
 from chatbot.prompts import build_messages, category_list_text, context_text, conversation_query, profile_text
 from chatbot.selectors import (
@@ -37,6 +37,9 @@ from chatbot.selectors import (
 )
 from inference.answer import answer_schema
 from inference.types import CONTROL_GROUP, GenerationRequest, SamplingParams
+
+if TYPE_CHECKING:  # qdrant-client stays out of every process's start-up
+    from chatbot.knowledge.store import Hit
 
 logger = logging.getLogger(__name__)
 GENERATE_TASK = "chatbot.generate"
@@ -93,16 +96,16 @@ def _request(
     messages: list[dict[str, str]],
     categories: list[Any],
     category_code: str | None,
-    choose_category: bool = False,
     history: list[dict[str, str]] | None = None,
 ) -> GenerationRequest:
-    """`categories`: the active categories (one read, so the enum and the labels agree)."""
+    """`categories`: the active categories (one read, so the enum and the labels agree). Without a
+    `category_code` the model chooses each challenge's category: the schema's enum of their labels."""
     labels = {c.code: c.label for c in categories}
     return GenerationRequest(
         request_id=uuid.uuid4().hex,
         group=session_group_name(session_id),
         messages=messages,
-        schema=answer_schema(category_labels=list(labels.values()) if choose_category else None),
+        schema=answer_schema(category_labels=list(labels.values()) if category_code is None else None),
         sampling=_sampling(),
         default_category=category_code,
         category_labels=labels,
@@ -138,15 +141,14 @@ def recommendation_build_base_info(*, checked: BaseInfoInput) -> Recommendation:
     Raises ContractError (400, invalidFields=["category"]) for an unknown or inactive category,
     and selectors.NotConfiguredError when the mode has no active prompt.
     """
-    category = category_get_active(label_or_code=checked.category)
+    active = category_list_active()  # one read: the checked category and the labels agree
+    category = category_get_active(label_or_code=checked.category, categories=active)
     if category is None:
         raise ContractError(["category"], "알 수 없는 카테고리입니다. 확인할 항목: category")
     prompt = prompt_get_active(mode="base_info")
     fields = {"location": checked.location, "workType": checked.work_type, "category": category.label}
     messages = build_messages(system=prompt.system, user_template=prompt.user_template, fields=fields)
-    generation = _request(
-        session_id=checked.session_id, messages=messages, categories=category_list_active(), category_code=category.code
-    )
+    generation = _request(session_id=checked.session_id, messages=messages, categories=active, category_code=category.code)
     turn = TurnDraft(
         session_id=checked.session_id,
         mode="base_info",
@@ -204,8 +206,8 @@ def recommendation_build_free_text(*, plan: FreeTextPlan, passages: list[Hit]) -
     labels = {c.code: c.label for c in plan.categories}
     passages = [p for p in passages if p.category in labels]  # not those of a since deactivated category
     ranked = categories_for_message(message=plan.query, categories=plan.categories, hints=[p.category for p in passages])
-    fields = {"message": plan.checked.message, "categories": category_list_text([(c.code, c.label) for c in ranked])}
-    context = context_text([(labels.get(p.category, p.category), p.title, p.text) for p in passages])
+    fields = {"message": plan.checked.message, "categories": category_list_text([c.label for c in ranked])}
+    context = context_text([(labels[p.category], p.title, p.text) for p in passages])
     messages = build_messages(
         system=plan.prompt.system,
         user_template=plan.prompt.user_template,
@@ -218,7 +220,6 @@ def recommendation_build_free_text(*, plan: FreeTextPlan, passages: list[Hit]) -
         messages=messages,
         categories=plan.categories,
         category_code=None,
-        choose_category=True,
         history=plan.context.history,
     )
     turn = TurnDraft(
@@ -254,6 +255,20 @@ async def recommendation_prepare(*, mode: str, params: dict[str, Any], challenge
     if challenge_cards and isinstance(built.item, GenerationRequest):
         built = dataclasses.replace(built, item=dataclasses.replace(built.item, challenge_cards=True))
     return built
+
+
+def prepare_failure(exc: Exception) -> tuple[int, str]:
+    """The status and Korean message for a `recommendation_prepare` failure other than a
+    ContractError (which carries its own): 503 when no prompt or category is configured or the
+    knowledge base is unavailable, else 500. Logs it."""
+    if isinstance(exc, NotConfiguredError):
+        logger.error("recommendation is not configured: %s", exc)
+        return 503, contract.MESSAGE_NO_WORKER
+    if isinstance(exc, KnowledgeUnavailableError):
+        logger.error("knowledge base unavailable: %s", exc)
+        return 503, contract.MESSAGE_KNOWLEDGE_UNAVAILABLE
+    logger.error("could not prepare the recommendation", exc_info=exc)
+    return 500, contract.MESSAGE_INTERNAL
 
 
 def knowledge_reindex_later(*, document_id: int) -> None:

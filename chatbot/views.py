@@ -21,9 +21,9 @@ from django.views.decorators.http import require_GET
 from chatbot import contract, sse
 from chatbot.contract import ContractError
 from chatbot.conversation import session_clear, session_transcript
-from chatbot.knowledge.store import KnowledgeUnavailableError
-from chatbot.selectors import NotConfiguredError, category_list_active
-from chatbot.services import Recommendation, recommendation_prepare
+from chatbot.knowledge import KnowledgeUnavailableError
+from chatbot.selectors import category_list_active
+from chatbot.services import Recommendation, prepare_failure, recommendation_prepare
 from chatbot.streaming import Ping, answer_events
 
 logger = logging.getLogger(__name__)
@@ -121,17 +121,11 @@ async def _recommend(request: HttpRequest, mode: str) -> HttpResponse:
         generation = await recommendation_prepare(mode=mode, params=_params(request))
     except ContractError as exc:
         return _json(exc.envelope(), status=exc.status)
-    except NotConfiguredError:
-        logger.exception("recommendation is not configured")
-        return _json(contract.envelope(503, contract.MESSAGE_NO_WORKER, None), status=503)
-    except KnowledgeUnavailableError as exc:
-        logger.error("knowledge base unavailable: %s", exc)
-        if request.method == "POST":
-            return _json(contract.envelope(503, contract.MESSAGE_KNOWLEDGE_UNAVAILABLE, None), status=503)
-        return _sse_response(_sse_error(503, contract.MESSAGE_KNOWLEDGE_UNAVAILABLE))
-    except Exception:  # the database or a bug: the contract's envelope, never Django's HTML page
-        logger.exception("could not prepare the recommendation")
-        return _json(contract.envelope(500, contract.MESSAGE_INTERNAL, None), status=500)
+    except Exception as exc:  # noqa: BLE001 - prepare_failure logs it; the envelope, never Django's HTML page
+        status, message = prepare_failure(exc)
+        if request.method == "GET" and isinstance(exc, KnowledgeUnavailableError):
+            return _sse_response(_sse_error(status, message))  # the input was fine: an in-stream error
+        return _json(contract.envelope(status, message, None), status=status)
     if request.method == "POST":
         return await _answer_json(generation)
     return _sse_response(_sse_body(generation), generation.request_id)

@@ -150,12 +150,11 @@ class PrefixCache:
         pair of similar prompts.
         """
         key = tuple(ids)
-        family = [other for other in self._recent if other != key and _common(key, other) >= self.min_tokens]
+        shared = [length for other in self._recent if other != key and (length := _common(key, other)) >= self.min_tokens]
         self._recent.append(key)
-        if not family:
+        if not shared:
             return 0
-        common = min(_common(key, other) for other in family)
-        common = min(common, len(ids) - 1)
+        common = min(*shared, len(ids) - 1)
         covered, _ = self.match(ids)
         return common if common - covered >= self.min_tokens else 0
 

@@ -170,19 +170,19 @@ class ChannelLayerPublisher(EventTuples):
         # Created here, not in the sender task: messages handled before that task first runs must not be lost.
         self._outbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self._sender = loop_thread.submit(self._send_forever())
-
-    # --- messages (any thread) ---
-    def put(self, item: tuple[Any, ...]) -> None:
-        """Handle one message from `EventTuples` on the publisher's loop."""
-        kind, *args = item
-        handler = {
+        self._handlers = {  # built once: `put` runs for every token message
             "queued": self._queued,
             "token": self._token,
             "challenge": self._challenge,
             "terminal": self._terminal,
             "discard": self._discard,
-        }[kind]
-        self.loop_thread.call(handler, *args)
+        }
+
+    # --- messages (any thread) ---
+    def put(self, item: tuple[Any, ...]) -> None:
+        """Handle one message from `EventTuples` on the publisher's loop."""
+        kind, *args = item
+        self.loop_thread.call(self._handlers[kind], *args)
 
     def drain(self, timeout: float = 5.0) -> None:
         """Block until every event published so far has been sent (used at shutdown and in tests)."""

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -112,7 +112,7 @@ def _web_up(base_url: str) -> bool:
 def launch_web(stack: Stack, tag: str, extra_env: dict[str, str]) -> Iterator[str]:
     """A second daphne beside `stack`'s, on the same Redis prefix and database with `extra_env` on
     top of the stack's environment; yields its base URL and stops it after."""
-    port = _free_port()
+    port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     web = _start_web(port, {**stack.env, **extra_env}, stack.log_dir / f"web-{tag}.log")
     try:
@@ -144,7 +144,7 @@ def launch_stack(tag: str, extra_env: dict[str, str] | None = None) -> Iterator[
     """
     log_dir = ROOT / "var" / "test" / f"{tag}-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     prefix = f"leafresh-test-{tag}-{os.getpid()}"
     env = {

@@ -4,7 +4,6 @@ worker that re-indexes documents, Redis, SQLite and the embedded Qdrant."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 from urllib.parse import quote
@@ -22,7 +21,7 @@ from tests.helpers import (
     parse_sse,
     ws_exchange,
 )
-from tests.stack import BIN, ROOT, launch_web
+from tests.stack import BIN, ROOT, free_port, launch_web
 
 FOLLOW_UP = "다른 것도 추천해 주세요"
 
@@ -121,14 +120,8 @@ def test_the_history_sent_to_the_model_respects_the_token_budget(stack, demo_mod
     assert turns[-1]["historyTurns"] < len(turns) - 1, "the budget must have dropped the oldest turns"
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_an_unreachable_qdrant_server_gives_a_clear_error_event_not_a_hang(stack) -> None:
-    env = {"QDRANT_URL": f"http://127.0.0.1:{_closed_port()}", "LEAFRESH_QDRANT_TIMEOUT_S": "2"}
+    env = {"QDRANT_URL": f"http://127.0.0.1:{free_port()}", "LEAFRESH_QDRANT_TIMEOUT_S": "2"}
     with launch_web(stack, "no-qdrant", env) as url, httpx.Client(base_url=url, timeout=30) as client:
         started = time.monotonic()
         response = client.get(FREE_TEXT, params={"sessionId": "no-qdrant", "message": "텀블러를 쓰고 싶어요"})

@@ -18,7 +18,7 @@ from chatbot.knowledge import sparse
 from chatbot.knowledge.indexing import index_build, index_document, knowledge_search
 from chatbot.knowledge.store import KnowledgeUnavailableError
 from chatbot.models import Category, KnowledgeDocument
-from tests.stack import BIN, ROOT
+from tests.stack import BIN, ROOT, free_port
 
 SEED_INDEX = ROOT / "var" / "test" / "qdrant-seed"
 
@@ -117,10 +117,7 @@ def test_an_unreachable_or_silent_qdrant_server_raises_a_clear_error_fast(settin
     from chatbot.knowledge import store
 
     settings.LEAFRESH_QDRANT_TIMEOUT_S = 1.0
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))
-    port = closed.getsockname()[1]
-    closed.close()
+    port = free_port()
     server, silent_port = _silent_server()
     try:
         for url in (f"http://127.0.0.1:{port}", f"http://127.0.0.1:{silent_port}"):

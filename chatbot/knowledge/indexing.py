@@ -15,8 +15,8 @@ from typing import Literal
 
 from qdrant_client import models
 
-from chatbot.knowledge import dense, sparse, store
-from chatbot.knowledge.store import Hit, KnowledgeUnavailableError
+from chatbot.knowledge import KnowledgeUnavailableError, dense, sparse, store
+from chatbot.knowledge.store import Hit
 from chatbot.models import KnowledgeDocument
 
 logger = logging.getLogger(__name__)

@@ -19,25 +19,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from django.conf import settings
 from filelock import FileLock
 from filelock import Timeout as LockTimeout
 from qdrant_client import QdrantClient, models
 
+from chatbot.knowledge import KnowledgeUnavailableError
 from chatbot.knowledge.sparse import SparseVector
 
 logger = logging.getLogger(__name__)
 DENSE = "dense"
 SPARSE = "sparse"
 PREFETCH_LIMIT = 20  # candidates per vector kind before fusion
-Mode = Literal["hybrid", "dense", "sparse"]
-
-
-class KnowledgeUnavailableError(RuntimeError):
-    """Qdrant did not answer (server down or slow, local folder held too long) or the collection is
-    missing (run `python manage.py build_index`). The message names the cause; it holds no secret."""
 
 
 @dataclass(frozen=True)

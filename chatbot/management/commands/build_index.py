@@ -10,8 +10,8 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
+from chatbot.knowledge import KnowledgeUnavailableError
 from chatbot.knowledge.indexing import index_build
-from chatbot.knowledge.store import KnowledgeUnavailableError
 from chatbot.models import KnowledgeDocument
 
 

@@ -10,8 +10,8 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from chatbot.knowledge import KnowledgeUnavailableError
 from chatbot.knowledge.indexing import knowledge_search
-from chatbot.knowledge.store import KnowledgeUnavailableError
 
 
 class Command(BaseCommand):
