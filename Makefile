@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: run test bench eval eval-retrieval setup venv redis migrate index model lint clean
+.PHONY: run test bench eval eval-retrieval setup venv redis migrate index model browser lint clean
 
 # Reinstall only when requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -41,8 +41,21 @@ run: setup
 	@echo
 	$(VENV)/bin/honcho start -f Procfile -p $(PORT)
 
-test: setup lint
-	$(VENV)/bin/pytest
+# The browser tests drive Debian's Chromium through Playwright (never a downloaded browser), and a
+# Korean font makes their screenshots readable. Installed from Debian's packages when missing.
+CHROMIUM ?= /usr/bin/chromium
+BROWSER_PACKAGES := chromium fonts-nanum
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@if [ ! -x $(CHROMIUM) ] || ! fc-list :lang=ko 2>/dev/null | grep -q .; then \
+	  echo "installing $(BROWSER_PACKAGES) from Debian's packages for the browser tests"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) \
+	    || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES); }; \
+	fi
+
+test: setup lint browser
+	LEAFRESH_CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest
 
 $(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-bench.txt

@@ -1,7 +1,9 @@
-"""Admin registrations for the editors: categories, versioned prompts, generation settings,
-moderation terms, knowledge documents, and (read-only) sessions with their turns.
+"""Admin registrations for the editors: categories, versioned prompts (with a "try it" page per
+version), generation settings, moderation terms, knowledge documents, and (read-only) sessions with
+their turns.
 
-Business rules live in services (chatbot.prompt_versions); the admin classes only call them.
+Business rules live in services (chatbot.prompt_versions, chatbot.trial); the admin classes only
+call them.
 """
 
 from __future__ import annotations
@@ -10,12 +12,19 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import Count, Q, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 
 from chatbot.models import Category, ChatSession, GenerationSettings, KnowledgeDocument, ModerationTerm, PromptTemplate, Turn
 from chatbot.prompt_versions import prompt_activate, prompt_check, prompt_diff, prompt_save_version
+from chatbot.seed import LOCATIONS, WORK_TYPES
+from chatbot.selectors import category_list_active
+from chatbot.views import prompt_trial_stream
 
 
 @admin.register(Category)
@@ -44,14 +53,45 @@ class PromptTemplateAdmin(admin.ModelAdmin):
     (each turn records the version it used). "Make active" on an older version rolls back."""
 
     form = PromptTemplateForm
-    list_display = ("mode", "version", "is_active", "created_at")
+    list_display = ("mode", "version", "is_active", "created_at", "try_link")
     list_filter = ("mode", "is_active")
     ordering = ("mode", "-version")
     actions = ("make_active",)
 
     def get_readonly_fields(self, request: HttpRequest, obj: PromptTemplate | None = None) -> tuple[str, ...]:
         base = ("version", "is_active", "created_at", "diff_from_previous")
-        return ("mode", *base) if obj is not None else base
+        return ("mode", *base, "try_link") if obj is not None else base
+
+    def get_urls(self) -> list[URLPattern]:
+        own = [
+            path("<int:prompt_id>/try/", self.admin_site.admin_view(self.try_view), name="chatbot_prompttemplate_try"),
+            # An async view: it checks the staff permission itself (admin_view wraps sync views only).
+            path("<int:prompt_id>/try/stream", prompt_trial_stream, name="chatbot_prompttemplate_try_stream"),
+        ]
+        return own + super().get_urls()
+
+    @admin.display(description="시험해 보기")
+    def try_link(self, obj: PromptTemplate) -> str:
+        url = reverse("admin:chatbot_prompttemplate_try", args=[obj.pk])
+        return format_html('<a href="{}" data-testid="prompt-try-link">이 버전으로 시험해 보기</a>', url)
+
+    def try_view(self, request: HttpRequest, prompt_id: int) -> HttpResponse:
+        """The "try it" page: the version's text, the mode's inputs, and the live answer with its
+        structured result, time to first token and tokens/s (drawn from chatbot.trial's stream)."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        prompt = get_object_or_404(PromptTemplate, pk=prompt_id)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": f"시험해 보기: {prompt}",
+            "prompt": prompt,
+            "stream_url": reverse("admin:chatbot_prompttemplate_try_stream", args=[prompt.pk]),
+            "locations": LOCATIONS,
+            "work_types": WORK_TYPES,
+            "categories": category_list_active(),
+        }
+        return TemplateResponse(request, "admin/chatbot/prompttemplate/try.html", context)
 
     @admin.display(description="이전 버전과의 차이")
     def diff_from_previous(self, obj: PromptTemplate) -> str:

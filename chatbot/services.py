@@ -135,8 +135,9 @@ def base_info_user_text(*, location: str, work_type: str, category_label: str) -
     return f"거주 지역: {location}, 근무 형태: {work_type}, 카테고리: {category_label}. 이 조건에 맞는 챌린지를 추천해 주세요."
 
 
-def recommendation_build_base_info(*, checked: BaseInfoInput) -> Recommendation:
-    """The generation request for a base-info recommendation (reads the database).
+def recommendation_build_base_info(*, checked: BaseInfoInput, prompt: PromptTemplate | None = None) -> Recommendation:
+    """The generation request for a base-info recommendation (reads the database), with the mode's
+    active prompt or the given version of it (the admin's "try it").
 
     Raises ContractError (400, invalidFields=["category"]) for an unknown or inactive category,
     and selectors.NotConfiguredError when the mode has no active prompt.
@@ -145,7 +146,7 @@ def recommendation_build_base_info(*, checked: BaseInfoInput) -> Recommendation:
     category = category_get_active(label_or_code=checked.category, categories=active)
     if category is None:
         raise ContractError(["category"], "알 수 없는 카테고리입니다. 확인할 항목: category")
-    prompt = prompt_get_active(mode="base_info")
+    prompt = prompt or prompt_get_active(mode="base_info")
     fields = {"location": checked.location, "workType": checked.work_type, "category": category.label}
     messages = build_messages(system=prompt.system, user_template=prompt.user_template, fields=fields)
     generation = _request(session_id=checked.session_id, messages=messages, categories=active, category_code=category.code)
@@ -173,9 +174,12 @@ class FreeTextPlan:
     query: str
 
 
-def recommendation_plan_free_text(*, checked: FreeTextInput) -> FreeTextPlan | Recommendation:
+def recommendation_plan_free_text(
+    *, checked: FreeTextInput, prompt: PromptTemplate | None = None
+) -> FreeTextPlan | Recommendation:
     """The database part of a free-text request (blocking): a polite preset Recommendation when the
-    message is abusive or off-topic (moderation terms in the database), else a FreeTextPlan.
+    message is abusive or off-topic (moderation terms in the database), else a FreeTextPlan with the
+    mode's active prompt or the given version of it.
 
     Raises selectors.NotConfiguredError when the mode has no active prompt or no category is active.
     """
@@ -189,7 +193,7 @@ def recommendation_plan_free_text(*, checked: FreeTextInput) -> FreeTextPlan | R
     active = category_list_active()  # display order: one grammar for every message
     if not active:
         raise NotConfiguredError("no active category")
-    prompt = prompt_get_active(mode="free_text")
+    prompt = prompt or prompt_get_active(mode="free_text")
     context = session_context(session_id=checked.session_id, max_turns=settings.LEAFRESH_HISTORY_MAX_TURNS)
     query = conversation_query(checked.message, context.user_texts, category_keyword_lists(active))
     return FreeTextPlan(checked=checked, prompt=prompt, categories=active, context=context, query=query)
@@ -233,20 +237,25 @@ def recommendation_build_free_text(*, plan: FreeTextPlan, passages: list[Hit]) -
     return Recommendation(item=generation, turn=turn)
 
 
-async def recommendation_prepare(*, mode: str, params: dict[str, Any], challenge_cards: bool = False) -> Recommendation:
+async def recommendation_prepare(
+    *, mode: str, params: dict[str, Any], challenge_cards: bool = False, prompt: PromptTemplate | None = None
+) -> Recommendation:
     """Check the input and build a recommendation; for free text, retrieve passages first.
 
-    `mode` base_info or free_text; `params` the contract's fields (sessionId, ...). Database reads
-    run in the thread for sync code; embedding and the Qdrant query in a worker thread of their own.
-    Raises ContractError (400), selectors.NotConfiguredError, and for free text
-    KnowledgeUnavailableError when Qdrant cannot be reached.
+    `mode` base_info or free_text; `params` the contract's fields (sessionId, ...); `prompt` a
+    version of the mode's prompt to use instead of the active one. Database reads run in the thread
+    for sync code; embedding and the Qdrant query in a worker thread of their own.
+    Raises ContractError (400), selectors.NotConfiguredError, ValueError for a prompt of another
+    mode, and for free text KnowledgeUnavailableError when Qdrant cannot be reached.
     """
     from chatbot.knowledge.indexing import knowledge_search
 
+    if prompt is not None and prompt.mode != mode:
+        raise ValueError(f"prompt {prompt.pk} is for mode {prompt.mode}, not {mode}")
     if mode == "base_info":
-        built = await sync_to_async(recommendation_build_base_info)(checked=contract.check_base_info(params))
+        built = await sync_to_async(recommendation_build_base_info)(checked=contract.check_base_info(params), prompt=prompt)
     else:
-        plan = await sync_to_async(recommendation_plan_free_text)(checked=contract.check_free_text(params))
+        plan = await sync_to_async(recommendation_plan_free_text)(checked=contract.check_free_text(params), prompt=prompt)
         if isinstance(plan, Recommendation):
             return plan
         k = settings.LEAFRESH_RETRIEVAL_K

@@ -4,6 +4,7 @@ from chatbot import metrics, views
 
 urlpatterns = [
     path("", views.index, name="index"),
+    path("conversation/new", views.new_conversation, name="new-conversation"),
     path("healthz", views.healthz, name="healthz"),
     path("metrics", metrics.metrics, name="metrics"),
     path("ai/chatbot/recommendation/base-info", views.base_info, name="base-info"),

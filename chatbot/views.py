@@ -1,4 +1,5 @@
-"""HTTP adapters: the SSE GET and JSON POST endpoints of the Spring contract, health, and the page.
+"""HTTP adapters: the SSE GET and JSON POST endpoints of the Spring contract, health, the chat
+widget's page, and the admin's "try it" stream.
 
 Thin: parse -> check (chatbot.contract) -> build (chatbot.services) -> stream (chatbot.streaming)
 -> encode (chatbot.sse). Invalid input is answered with 400 before any stream starts.
@@ -8,23 +9,28 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
 from asgiref.sync import sync_to_async
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse, StreamingHttpResponse
 from django.shortcuts import render
+from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_GET, require_POST
 
 from chatbot import contract, sse
 from chatbot.contract import ContractError
 from chatbot.conversation import session_clear, session_transcript
 from chatbot.knowledge import KnowledgeUnavailableError
+from chatbot.models import PromptTemplate
+from chatbot.seed import LOCATIONS, WORK_TYPES
 from chatbot.selectors import category_list_active
 from chatbot.services import Recommendation, prepare_failure, recommendation_prepare
 from chatbot.streaming import Ping, answer_events
+from chatbot.trial import prompt_trial_events
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 8 * 1024
@@ -169,8 +175,70 @@ def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
+WIDGET_SESSION_KEY = "leafresh_chat_session_id"  # the widget's chat session, kept in the Django session
+
+
+def widget_session_id(request: HttpRequest, *, renew: bool = False) -> str:
+    """The chat session of this browser: a random id (`web-` + 22 URL-safe characters) kept in its
+    Django session (cookie), made on first visit or when `renew` is set."""
+    session_id = request.session.get(WIDGET_SESSION_KEY)
+    if renew or not isinstance(session_id, str) or not session_id:
+        session_id = request.session[WIDGET_SESSION_KEY] = "web-" + secrets.token_urlsafe(16)
+    return session_id
+
+
 @require_GET
+@never_cache
 def index(request: HttpRequest) -> HttpResponse:
-    """The minimal chat page (WebSocket)."""
-    categories = [{"code": c.code, "label": c.label} for c in category_list_active()]
-    return render(request, "chatbot/index.html", {"categories": categories})
+    """The chat widget (WebSocket), with this browser's conversation so far, so a refresh keeps it."""
+    session_id = widget_session_id(request)
+    transcript = session_transcript(session_id=session_id) or {"turns": []}
+    widget = {
+        "sessionId": session_id,
+        "categories": [{"code": c.code, "label": c.label} for c in category_list_active()],
+        "turns": transcript["turns"],
+        "messageMaxChars": contract.LIMITS["message"],
+    }
+    context = {"widget": widget, "categories": widget["categories"], "locations": LOCATIONS, "work_types": WORK_TYPES}
+    return render(request, "chatbot/index.html", context)
+
+
+@require_POST
+def new_conversation(request: HttpRequest) -> HttpResponse:
+    """Start a new conversation in the widget: a new chat session for this browser (the old one's
+    turns stay in the database). CSRF-protected form POST; redirects to the widget."""
+    widget_session_id(request, renew=True)
+    return HttpResponseRedirect("/")
+
+
+async def prompt_trial_stream(request: HttpRequest, prompt_id: int) -> HttpResponse:
+    """The admin's "try it" stream for a prompt version (chatbot.trial events as SSE).
+
+    Staff with the view permission on prompts only (403 otherwise, 404 for an unknown version).
+    The inputs are the mode's fields as query parameters. Bad input is an `error` event: the page's
+    EventSource cannot read an HTTP error's body.
+    """
+    user = await request.auser()
+    allowed = user.is_active and user.is_staff and await sync_to_async(user.has_perm)("chatbot.view_prompttemplate")
+    if not allowed:
+        return _json(contract.envelope(403, "권한이 없습니다.", None), status=403)
+    prompt = await PromptTemplate.objects.filter(pk=prompt_id).afirst()
+    if prompt is None:
+        return _json(contract.envelope(404, "그런 프롬프트 버전이 없습니다.", None), status=404)
+
+    async def body() -> AsyncIterator[bytes]:
+        event_id = 0
+        try:
+            async with aclosing(prompt_trial_events(prompt=prompt, inputs=request.GET.dict())) as events:
+                async for item in events:
+                    if item is None:
+                        yield sse.PING
+                        continue
+                    event_id += 1
+                    yield sse.encode_event(event_id=event_id, event=item.event, data=item.data)
+        except Exception:  # under daphne an exception here would leave the response open
+            logger.exception("the trial stream of prompt %s failed", prompt.pk)
+            failure = {"status": 500, "message": contract.MESSAGE_INTERNAL}
+            yield sse.encode_event(event_id=event_id + 1, event="error", data=failure)
+
+    return _sse_response(body())

@@ -10,15 +10,22 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402 - after Django is set up
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
 from chatbot.knowledge.dense import warm_in_background  # noqa: E402
 from chatbot.routing import websocket_urlpatterns  # noqa: E402
 
 warm_in_background()  # the first free-text request should not wait for torch's import
 
+http_app = django_asgi_app
+if settings.LEAFRESH_SERVE_STATIC:
+    # Only paths under STATIC_URL go to the static handler; everything else straight to Django.
+    http_app = ASGIStaticFilesHandler(django_asgi_app)
+
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": http_app,
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

@@ -78,6 +78,9 @@ USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
+# daphne serves /static/ (the admin's CSS and scripts) itself, from the apps' static folders, through
+# Django's ASGIStaticFilesHandler. Set false where a reverse proxy serves STATIC_ROOT (collectstatic).
+LEAFRESH_SERVE_STATIC = env.bool("LEAFRESH_SERVE_STATIC", default=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis: the Celery broker and the channel layer ---

@@ -49,6 +49,16 @@ class Stack:
     def worker_alive(self) -> bool:
         return any(True for _ in self.redis.scan_iter(match=f"{self.prefix}:worker:*"))
 
+    def stop_web(self) -> None:
+        """Stop daphne (SIGTERM; SIGKILL after 15 s)."""
+        _stop(self.web)
+
+    def restart_web(self) -> None:
+        """Stop daphne (if it still runs) and start a new one on the same port; return once it answers."""
+        _stop(self.web)
+        self.web = _start_web(self.port, self.env, self.log_dir / "web-restarted.log")
+        _wait(lambda: _web_up(self.base_url), 60, "the restarted daphne", [self.worker, self.web], self.log_dir)
+
     def restart(self) -> None:
         """Stop daphne and the GPU worker (SIGTERM) and start new ones on the same port, database,
         Redis prefix and knowledge index; return once both answer again."""

@@ -1,0 +1,87 @@
+"""The widget page and the "try it" stream's gate, through Django's test client: the chat session
+is bound to the browser's Django session, a refresh brings the conversation back, a new
+conversation needs the CSRF token, and only staff with the view permission may try a prompt."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+
+from chatbot.conversation import TurnDraft, TurnOutcome, turn_record
+from chatbot.models import Category, PromptTemplate
+from chatbot.seed import LOCATIONS, WORK_TYPES
+
+pytestmark = pytest.mark.django_db
+
+
+def widget_data(client: Client) -> dict:
+    response = client.get("/")
+    assert response.status_code == 200
+    assert "no-cache" in response["Cache-Control"]  # the history must not come from a cache
+    html = response.content.decode()
+    opening = '<script id="widget-data" type="application/json">'
+    start = html.index(opening) + len(opening)
+    return json.loads(html[start : html.index("</script>", start)])
+
+
+def test_each_browser_gets_its_own_chat_session_kept_in_its_django_session() -> None:
+    browser, other = Client(), Client()
+    first = widget_data(browser)
+    assert first["sessionId"].startswith("web-") and len(first["sessionId"]) == 4 + 22
+    assert widget_data(browser)["sessionId"] == first["sessionId"]
+    assert widget_data(other)["sessionId"] != first["sessionId"]
+
+
+def test_the_page_brings_back_the_conversation_and_offers_the_active_choices() -> None:
+    browser = Client()
+    session_id = widget_data(browser)["sessionId"]
+    draft = TurnDraft(session_id=session_id, mode="free_text", user_text="<b>텀블러</b>", inputs={"message": "<b>텀블러</b>"})
+    card = {"title": "t", "description": "d", "category": "ZERO_WASTE", "label": "제로웨이스트"}
+    answer = {"recommend": "좋아요", "challenges": [card]}
+    shown = "좋아요\n\n1. t — d"
+    outcome = TurnOutcome(finish_reason="stop", answer_text=shown, started_at=time.time(), duration_s=0.5, answer=answer)
+    turn_record(draft=draft, request_id="r1", outcome=outcome)
+    vegan = Category.objects.get(code="VEGAN")
+    vegan.is_active = False
+    vegan.save()  # as an editor does: the cached categories are dropped
+
+    data = widget_data(browser)
+    assert [(t["userText"], t["answerText"], t["answer"]) for t in data["turns"]] == [("<b>텀블러</b>", shown, answer)]
+    assert "VEGAN" not in {c["code"] for c in data["categories"]} and len(data["categories"]) == 7
+    html = browser.get("/").content.decode()
+    assert "<b>텀블러</b>" not in html  # json_script escapes it; the page draws it as text
+    for value in [*LOCATIONS, *WORK_TYPES]:
+        assert f"<option>{value}</option>" in html
+    assert 'data-testid="basic-info-form"' in html and 'name="workType"' in html
+
+
+def test_a_new_conversation_needs_the_csrf_token_and_gives_a_new_session() -> None:
+    browser = Client(enforce_csrf_checks=True)
+    old = widget_data(browser)["sessionId"]
+    assert browser.post("/conversation/new").status_code == 403
+    assert widget_data(browser)["sessionId"] == old
+    token = browser.cookies["csrftoken"].value
+    response = browser.post("/conversation/new", {"csrfmiddlewaretoken": token})
+    assert (response.status_code, response["Location"]) == (302, "/")
+    assert widget_data(browser)["sessionId"] not in (old, "")
+
+
+def test_only_staff_with_the_view_permission_may_try_a_prompt(admin_client) -> None:
+    prompt = PromptTemplate.objects.get(mode="free_text", is_active=True)
+    stream = f"/admin/chatbot/prompttemplate/{prompt.pk}/try/stream"
+    page = f"/admin/chatbot/prompttemplate/{prompt.pk}/try/"
+    anonymous = Client()
+    assert anonymous.get(stream, {"message": "텀블러"}).status_code == 403
+    assert anonymous.get(page).status_code == 302  # to the admin login
+    User.objects.create_user("clerk", password="pw-123456", is_staff=True)  # staff without the permission
+    clerk = Client()
+    clerk.login(username="clerk", password="pw-123456")
+    assert clerk.get(stream, {"message": "텀블러"}).status_code == 403
+    assert clerk.get(page).status_code == 403
+    assert admin_client.get(f"/admin/chatbot/prompttemplate/{prompt.pk + 1000}/try/stream").status_code == 404
+    body = admin_client.get(page).content.decode()
+    assert 'data-testid="try-run"' in body and 'name="message"' in body and prompt.system[:20] in body
