@@ -149,3 +149,18 @@ def ws_exchange(stack, session: str, *frames: dict, until: int = 1, timeout: flo
         except TimeoutError:
             pass
     return received
+
+
+def eventually(predicate, timeout: float, interval: float = 0.1) -> bool:
+    """Poll `predicate` until it holds (True) or `timeout` seconds pass (its last answer)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def cancelled_in_engine(stack, request_id: str) -> bool:
+    """The stack's GPU worker logged this request as cancelled."""
+    return f"request {request_id} finished: cancelled" in (stack.log_dir / "worker.log").read_text(errors="replace")

@@ -21,6 +21,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from websockets.sync.client import connect
 
 from inference.engine import MESSAGE_BUSY as ENGINE_BUSY
+from tests.helpers import cancelled_in_engine, eventually
 from tests.stack import BIN, ROOT, Stack
 
 CHROMIUM = os.environ.get("LEAFRESH_CHROMIUM", "/usr/bin/chromium")
@@ -117,15 +118,6 @@ def transcript(stack: Stack, session_id: str) -> dict:
     response = httpx.get(f"{stack.base_url}/ai/chatbot/sessions/{session_id}/messages", timeout=10)
     assert response.status_code == 200, response.text
     return response.json()["data"]
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def cards_of_last_answer(page: Page) -> list[dict[str, str]]:
@@ -316,9 +308,8 @@ def test_stop_ends_the_generation_mid_answer(slow_stack, new_page) -> None:
     turns = transcript(slow_stack, widget_session(page))["turns"]
     assert [t["finishReason"] for t in turns] == ["cancelled"]
     assert shown and turns[0]["answerText"].startswith(shown)  # recorded: the text shown (and what was in flight)
-    log = slow_stack.log_dir / "worker.log"
-    cancelled = f"request {turns[0]['requestId']} finished: cancelled"
-    assert wait_for(lambda: cancelled in log.read_text(errors="replace"), 10), "the engine did not cancel the request"
+    request_id = turns[0]["requestId"]
+    assert eventually(lambda: cancelled_in_engine(slow_stack, request_id), 10), "the engine did not cancel the request"
     shot(page, "widget-stopped")
 
 

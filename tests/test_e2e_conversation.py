@@ -17,6 +17,7 @@ from tests.helpers import (
     WebEndpoint,
     assert_one_terminal_last,
     assert_valid_answer,
+    eventually,
     get_sse,
     parse_sse,
     ws_exchange,
@@ -158,15 +159,6 @@ def _top_text(stack, query: str) -> str:
     return hits[0]["text"] if hits else ""
 
 
-def _eventually(predicate, timeout: float = 90) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return False
-
-
 def test_index_updates_follow_document_edits_through_the_cpu_worker(stack) -> None:
     """Saving a document in Django (here: `manage.py shell`) queues its re-indexing on the `cpu`
     queue; the CPU worker embeds it into the stack's index, where retrieval finds it."""
@@ -175,6 +167,8 @@ def test_index_updates_follow_document_edits_through_the_cpu_worker(stack) -> No
     title = "빈 잼병을 양념 보관통으로 쓰기"
     edit = f"d = D.objects.get(title='{title}'); d.text = '{marker} 모임에서 헌 양말로 인형을 떠요.'; d.save()"
     _manage(stack, "shell", "-c", model + edit)
-    assert _eventually(lambda: _top_text(stack, marker).startswith(marker)), "the edit was not indexed"
+    assert eventually(lambda: _top_text(stack, marker).startswith(marker), 90, 0.5), "the edit was not indexed"
     _manage(stack, "shell", "-c", model + f"d = D.objects.get(text__startswith='{marker}'); d.is_active = False; d.save()")
-    assert _eventually(lambda: not _top_text(stack, marker).startswith(marker)), "a deactivated document is still retrieved"
+    assert eventually(lambda: not _top_text(stack, marker).startswith(marker), 90, 0.5), (
+        "a deactivated document is still retrieved"
+    )

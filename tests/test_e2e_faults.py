@@ -14,12 +14,7 @@ import time
 import httpx
 from websockets.sync.client import connect
 
-from tests.helpers import FREE_TEXT, SSEStream, assert_one_terminal_last, parse_sse
-
-
-def _cancelled_in_engine(stack, request_id: str) -> bool:
-    """The worker logged this request as cancelled."""
-    return f"request {request_id} finished: cancelled" in (stack.log_dir / "worker.log").read_text(errors="replace")
+from tests.helpers import FREE_TEXT, SSEStream, assert_one_terminal_last, cancelled_in_engine, eventually, parse_sse
 
 
 def _stream_until_first_delta_then(client: httpx.Client, session: str, act) -> tuple[SSEStream, float]:
@@ -40,15 +35,6 @@ def _stream_until_first_delta_then(client: httpx.Client, session: str, act) -> t
     return SSEStream(response.status_code, response.headers, raw, parse_sse(raw)), ended_after
 
 
-def _wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def test_sse_client_disconnect_cancels_the_generation(slow_stack) -> None:
     with httpx.Client(base_url=slow_stack.base_url, timeout=30) as client:
         with client.stream("GET", FREE_TEXT, params={"sessionId": "gone", "message": "일회용품을 줄이고 싶어요"}) as response:
@@ -59,7 +45,7 @@ def test_sse_client_disconnect_cancels_the_generation(slow_stack) -> None:
                 received += chunk
                 if b"event: challenge" in received:
                     break  # leave mid-answer: the connection closes here
-    assert _wait_for(lambda: _cancelled_in_engine(slow_stack, request_id), 10), "the engine did not cancel the request"
+    assert eventually(lambda: cancelled_in_engine(slow_stack, request_id), 10), "the engine did not cancel the request"
 
 
 def test_websocket_stop_mid_answer_cancels_the_generation(slow_stack) -> None:
@@ -81,7 +67,7 @@ def test_websocket_stop_mid_answer_cancels_the_generation(slow_stack) -> None:
         except TimeoutError:
             extra = None
         assert extra is None, f"a frame arrived after the terminal one: {extra}"
-    assert _wait_for(lambda: _cancelled_in_engine(slow_stack, request_id), 10), "the engine did not cancel the request"
+    assert eventually(lambda: cancelled_in_engine(slow_stack, request_id), 10), "the engine did not cancel the request"
     shown = "".join(f["text"] for f in frames[:-1])
     turns = httpx.get(f"{slow_stack.base_url}/ai/chatbot/sessions/stopper/messages").json()["data"]["turns"]
     assert [(t["requestId"], t["finishReason"], t["answer"]) for t in turns] == [(request_id, "cancelled", None)]
@@ -94,7 +80,7 @@ def test_closing_the_socket_mid_answer_cancels_the_generation(slow_stack) -> Non
         request_id = json.loads(socket.recv(timeout=30))["requestId"]
         while json.loads(socket.recv(timeout=30))["type"] != "chat.token":
             pass
-    assert _wait_for(lambda: _cancelled_in_engine(slow_stack, request_id), 10), "the engine did not cancel the request"
+    assert eventually(lambda: cancelled_in_engine(slow_stack, request_id), 10), "the engine did not cancel the request"
 
 
 def test_past_the_bounds_a_request_gets_503_at_once_and_a_waiting_socket_sees_its_position(slow_stack) -> None:
