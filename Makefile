@@ -44,14 +44,14 @@ run: setup
 # The browser tests drive Debian's Chromium through Playwright (never a downloaded browser), and a
 # Korean font makes their screenshots readable. Installed from Debian's packages when missing.
 CHROMIUM ?= /usr/bin/chromium
-BROWSER_PACKAGES := chromium fonts-nanum
+BROWSER_PACKAGES := chromium fonts-nanum fontconfig
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -y -q
 browser:
-	@if [ ! -x $(CHROMIUM) ] || ! fc-list :lang=ko 2>/dev/null | grep -q .; then \
+	@if [ ! -x $(CHROMIUM) ] || ! dpkg-query -W -f='$${Status}' fonts-nanum 2>/dev/null | grep -q 'ok installed'; then \
+	  command -v apt-get >/dev/null || { echo "the browser tests need Chromium at $(CHROMIUM) and a Korean font: install them, or set CHROMIUM=/path/to/chromium" >&2; exit 1; }; \
 	  echo "installing $(BROWSER_PACKAGES) from Debian's packages for the browser tests"; \
-	  export DEBIAN_FRONTEND=noninteractive; \
-	  $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) \
-	    || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES); }; \
+	  $(APT) install --no-install-recommends $(BROWSER_PACKAGES) || { $(APT) update && $(APT) install --no-install-recommends $(BROWSER_PACKAGES); }; \
 	fi
 
 test: setup lint browser

@@ -24,7 +24,7 @@ from chatbot.models import Category, ChatSession, GenerationSettings, KnowledgeD
 from chatbot.prompt_versions import prompt_activate, prompt_check, prompt_diff, prompt_save_version
 from chatbot.seed import LOCATIONS, WORK_TYPES
 from chatbot.selectors import category_list_active
-from chatbot.views import prompt_trial_stream
+from chatbot.trial import trial_permitted
 
 
 @admin.register(Category)
@@ -63,6 +63,8 @@ class PromptTemplateAdmin(admin.ModelAdmin):
         return ("mode", *base, "try_link") if obj is not None else base
 
     def get_urls(self) -> list[URLPattern]:
+        from chatbot.views import prompt_trial_stream  # here: Django's start-up need not import the streaming stack
+
         own = [
             path("<int:prompt_id>/try/", self.admin_site.admin_view(self.try_view), name="chatbot_prompttemplate_try"),
             # An async view: it checks the staff permission itself (admin_view wraps sync views only).
@@ -78,7 +80,7 @@ class PromptTemplateAdmin(admin.ModelAdmin):
     def try_view(self, request: HttpRequest, prompt_id: int) -> HttpResponse:
         """The "try it" page: the version's text, the mode's inputs, and the live answer with its
         structured result, time to first token and tokens/s (drawn from chatbot.trial's stream)."""
-        if not self.has_view_permission(request):
+        if not trial_permitted(request.user):
             raise PermissionDenied
         prompt = get_object_or_404(PromptTemplate, pk=prompt_id)
         context = {

@@ -4,7 +4,9 @@ client -> server: `chat.base_info` {location, workType, category}, `chat.message
 `chat.stop`. server -> client: `chat.queued` {position, requestId}, `chat.token` {seq, text}, `chat.done`
 {data}, `chat.error` {status, message[, invalidFields]}. One request in flight per socket: a second
 one gets `chat.error` 409. `chat.stop` cancels generation and answers `chat.error` 499. Bad JSON
-or an unknown type gets `chat.error` 400 and the socket stays open.
+or an unknown type gets `chat.error` 400 and the socket stays open. A widget session (`web-…`)
+may be joined only from the browser whose Django session holds it: otherwise `chat.error` 403 and
+close code 4403.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from chatbot import contract
 from chatbot.contract import ContractError
+from chatbot.conversation import widget_session_allowed
 from chatbot.services import Recommendation, prepare_failure, recommendation_cancel, recommendation_prepare
 from chatbot.streaming import Ping, answer_events
 
@@ -45,10 +49,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         self.session_id = self.scope["url_route"]["kwargs"]["session_id"]
         self.active: _Active | None = None
+        self.refused = False  # the session was refused: the socket is closing, frames are ignored
         await self.accept()
         if contract.clean_field(self.session_id, contract.LIMITS["sessionId"]) is None:
             await self._error(400, f"{contract.MESSAGE_INVALID} 확인할 항목: sessionId", invalid_fields=["sessionId"])
+            self.refused = True
             await self.close(code=4400)
+        elif not await database_sync_to_async(widget_session_allowed)(self.scope.get("session"), self.session_id):
+            await self._error(403, contract.MESSAGE_NOT_YOUR_SESSION)
+            self.refused = True
+            await self.close(code=4403)
 
     async def disconnect(self, code: int) -> None:
         active = self.active
@@ -60,6 +70,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await recommendation_cancel(request_id=active.request_id)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.refused:
+            return
         if text_data is None or len(text_data) > MAX_FRAME_CHARS:
             await self._error(400, contract.MESSAGE_BAD_FRAME)
             return

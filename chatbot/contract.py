@@ -27,6 +27,7 @@ MESSAGE_BAD_FRAME = "메시지 형식이 올바르지 않습니다."
 MESSAGE_KNOWLEDGE_UNAVAILABLE = "참고 자료 검색 서버에 연결할 수 없습니다. 잠시 후 다시 시도해 주세요."
 MESSAGE_SESSION = "대화 기록 조회 완료"
 MESSAGE_NO_SESSION = "대화 기록이 없습니다."
+MESSAGE_NOT_YOUR_SESSION = "이 대화에 연결할 수 없습니다. 페이지를 새로고침해 주세요."
 # Replies to free text that gets no recommendation (a completed answer with no challenges).
 REPLY_OFF_TOPIC = (
     "저는 일상에서 실천할 수 있는 친환경 챌린지를 추천해 드리는 도우미예요. "

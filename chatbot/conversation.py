@@ -8,6 +8,8 @@ restarts and any web process can serve any session.
 from __future__ import annotations
 
 import datetime as dt
+import secrets
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,3 +167,25 @@ def session_clear(*, session_id: str) -> bool:
     """Delete the session and its turns. False when there was no such session."""
     deleted, _ = ChatSession.objects.filter(session_id=session_id).delete()
     return deleted > 0
+
+
+WIDGET_SESSION_KEY = "leafresh_chat_session_id"  # the widget's chat session, kept in the Django session
+WIDGET_SESSION_PREFIX = "web-"  # chat sessions of the widget; a socket may join one only from its own browser
+
+
+def widget_session_id(django_session: MutableMapping[str, Any], *, renew: bool = False) -> str:
+    """The chat session of a browser: a random id (`web-` + 22 URL-safe characters) kept in its
+    Django session (`request.session`), made on first use or when `renew` is set."""
+    session_id = django_session.get(WIDGET_SESSION_KEY)
+    if renew or not isinstance(session_id, str) or not session_id:
+        session_id = django_session[WIDGET_SESSION_KEY] = WIDGET_SESSION_PREFIX + secrets.token_urlsafe(16)
+    return session_id
+
+
+def widget_session_allowed(django_session: MutableMapping[str, Any] | None, session_id: str) -> bool:
+    """Whether a client holding `django_session` may use chat session `session_id`: widget sessions
+    (`web-…`) only from the browser they were made for; other ids (the Spring backend's) are not
+    bound to a browser. Reads the session store (blocking)."""
+    if not session_id.startswith(WIDGET_SESSION_PREFIX):
+        return True
+    return django_session is not None and django_session.get(WIDGET_SESSION_KEY) == session_id

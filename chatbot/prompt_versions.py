@@ -13,6 +13,7 @@ from django.db.models import Max
 
 from chatbot.models import PromptTemplate
 from chatbot.prompts import PromptTemplateError, template_fields
+from chatbot.selectors import config_cache_clear
 
 # The placeholders each mode's user template may use (chatbot.services fills exactly these).
 PLACEHOLDERS: dict[str, frozenset[str]] = {
@@ -55,6 +56,9 @@ def prompt_activate(*, prompt: PromptTemplate) -> PromptTemplate:
         is_active=False
     )
     PromptTemplate.objects.filter(pk=prompt.pk).update(is_active=True)
+    # .update() sends no post_save: drop the cached active prompts here, and again after commit.
+    config_cache_clear()
+    transaction.on_commit(config_cache_clear)
     prompt.refresh_from_db()
     return prompt
 

@@ -10,6 +10,7 @@ timings, model, promptVersion, sessionId, measured} or `error` {status, message}
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,17 +18,27 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+from chatbot import contract
 from chatbot.contract import ContractError
 from chatbot.models import PromptTemplate
 from chatbot.services import prepare_failure, recommendation_prepare
 from chatbot.streaming import Ping, answer_events
 
+logger = logging.getLogger(__name__)
 TRIAL_SESSION_PREFIX = "admin-try-"
 # The inputs each mode takes, as the contract names them.
 TRIAL_FIELDS: dict[str, tuple[str, ...]] = {
     PromptTemplate.Mode.BASE_INFO: ("location", "workType", "category"),
     PromptTemplate.Mode.FREE_TEXT: ("message",),
 }
+
+
+def trial_permitted(user: Any) -> bool:
+    """Whether `user` may try prompts: active staff who may view or change prompt templates (the
+    admin's own rule for seeing them). Reads permissions (blocking)."""
+    if not (user.is_active and user.is_staff):
+        return False
+    return user.has_perm("chatbot.view_prompttemplate") or user.has_perm("chatbot.change_prompttemplate")
 
 
 @dataclass(frozen=True)
@@ -38,14 +49,14 @@ class TrialEvent:
     data: dict[str, Any]
 
 
-def _measured(*, completion_tokens: int, first_token_s: float | None, end_s: float) -> dict[str, float | None]:
-    """Figures as the web process saw them: time to first token and total time (ms, from the moment
-    the request was sent to the worker), and completion tokens per second after the first token."""
-    decode_s = end_s - first_token_s if first_token_s is not None else 0.0
+def _measured(*, completion_tokens: int, first_text_s: float | None, end_s: float) -> dict[str, float | None]:
+    """Figures as the web process saw them, from the moment it sent the request to the worker: the
+    time to the first text (ms; later than the first token, which may be JSON syntax the reader
+    never sees), the total time (ms), and completion tokens per second over the whole request."""
     return {
-        "ttftMs": round(first_token_s * 1000, 1) if first_token_s is not None else None,
+        "firstTextMs": round(first_text_s * 1000, 1) if first_text_s is not None else None,
         "durationMs": round(end_s * 1000, 1),
-        "tokensPerS": round((completion_tokens - 1) / decode_s, 1) if decode_s > 0 and completion_tokens > 1 else None,
+        "tokensPerS": round(completion_tokens / end_s, 1) if end_s > 0 and completion_tokens else None,
     }
 
 
@@ -53,8 +64,8 @@ async def prompt_trial_events(*, prompt: PromptTemplate, inputs: dict[str, Any])
     """Answer `inputs` (the mode's fields, see TRIAL_FIELDS) with `prompt`, active or not.
 
     Bad input, a missing worker or knowledge base, and every failure while streaming end as one
-    `error` event; nothing is raised. Use it with `contextlib.aclosing`: closing it early cancels
-    the generation in the engine.
+    `error` event; nothing but cancellation is raised. Use it with `contextlib.aclosing`: closing it
+    early cancels the generation in the engine.
     """
     session_id = TRIAL_SESSION_PREFIX + uuid.uuid4().hex[:16]
     params = {name: inputs.get(name) for name in TRIAL_FIELDS[prompt.mode]} | {"sessionId": session_id}
@@ -68,39 +79,47 @@ async def prompt_trial_events(*, prompt: PromptTemplate, inputs: dict[str, Any])
         yield TrialEvent("error", {"status": status, "message": message})
         return
     clock = time.monotonic()
-    first_token_s: float | None = None
-    async with aclosing(answer_events(recommendation)) as events:
-        async for item in events:
-            if isinstance(item, Ping):
-                yield None
-                continue
-            kind = item["type"]
-            if kind == "chat.queued":
-                yield TrialEvent("queued", {"position": item["position"]})
-            elif kind == "chat.token":
-                if first_token_s is None:
-                    first_token_s = time.monotonic() - clock
-                yield TrialEvent("token", {"seq": item["seq"], "text": item["text"]})
-            elif kind == "chat.challenge":
-                yield TrialEvent("card", {"index": item["index"], "challenge": item["challenge"]})
-            elif kind == "chat.done":
-                usage = dict(item.get("usage") or {})
-                measured = _measured(
-                    completion_tokens=int(usage.get("completion_tokens", 0)),
-                    first_token_s=first_token_s,
-                    end_s=time.monotonic() - clock,
-                )
-                close = {
-                    "answer": item["data"],
-                    "usage": usage,
-                    "timings": item.get("timings") or {},
-                    "model": item.get("model") or "",
-                    "promptVersion": prompt.version,
-                    "sessionId": session_id,
-                    "measured": measured,
-                }
-                yield TrialEvent("close", close)
-                return
-            elif kind == "chat.error":
-                yield TrialEvent("error", {"status": int(item["status"]), "message": item["message"]})
-                return
+    first_text_s: float | None = None
+    try:
+        async with aclosing(answer_events(recommendation)) as events:
+            async for item in events:
+                if isinstance(item, Ping):
+                    yield None
+                    continue
+                kind = item["type"]
+                if kind == "chat.queued":
+                    yield TrialEvent("queued", {"position": item["position"]})
+                elif kind == "chat.token":
+                    if first_text_s is None:
+                        first_text_s = time.monotonic() - clock
+                    yield TrialEvent("token", {"seq": item["seq"], "text": item["text"]})
+                elif kind == "chat.challenge":
+                    yield TrialEvent("card", {"index": item["index"], "challenge": item["challenge"]})
+                elif kind == "chat.done":
+                    yield _close_event(item, prompt=prompt, session_id=session_id, first_text_s=first_text_s, clock=clock)
+                    return
+                elif kind == "chat.error":
+                    yield TrialEvent("error", {"status": int(item["status"]), "message": item["message"]})
+                    return
+    except Exception:
+        logger.exception("the trial of prompt %s failed", prompt.pk)
+    yield TrialEvent("error", {"status": 500, "message": contract.MESSAGE_INTERNAL})
+
+
+def _close_event(
+    item: dict[str, Any], *, prompt: PromptTemplate, session_id: str, first_text_s: float | None, clock: float
+) -> TrialEvent:
+    usage = dict(item.get("usage") or {})
+    measured = _measured(
+        completion_tokens=int(usage.get("completion_tokens", 0)), first_text_s=first_text_s, end_s=time.monotonic() - clock
+    )
+    close = {
+        "answer": item["data"],
+        "usage": usage,
+        "timings": item.get("timings") or {},
+        "model": item.get("model") or "",
+        "promptVersion": prompt.version,
+        "sessionId": session_id,
+        "measured": measured,
+    }
+    return TrialEvent("close", close)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -23,14 +22,14 @@ from django.views.decorators.http import require_GET, require_POST
 
 from chatbot import contract, sse
 from chatbot.contract import ContractError
-from chatbot.conversation import session_clear, session_transcript
+from chatbot.conversation import session_clear, session_transcript, widget_session_id
 from chatbot.knowledge import KnowledgeUnavailableError
 from chatbot.models import PromptTemplate
 from chatbot.seed import LOCATIONS, WORK_TYPES
 from chatbot.selectors import category_list_active
 from chatbot.services import Recommendation, prepare_failure, recommendation_prepare
 from chatbot.streaming import Ping, answer_events
-from chatbot.trial import prompt_trial_events
+from chatbot.trial import prompt_trial_events, trial_permitted
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 8 * 1024
@@ -175,23 +174,11 @@ def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
-WIDGET_SESSION_KEY = "leafresh_chat_session_id"  # the widget's chat session, kept in the Django session
-
-
-def widget_session_id(request: HttpRequest, *, renew: bool = False) -> str:
-    """The chat session of this browser: a random id (`web-` + 22 URL-safe characters) kept in its
-    Django session (cookie), made on first visit or when `renew` is set."""
-    session_id = request.session.get(WIDGET_SESSION_KEY)
-    if renew or not isinstance(session_id, str) or not session_id:
-        session_id = request.session[WIDGET_SESSION_KEY] = "web-" + secrets.token_urlsafe(16)
-    return session_id
-
-
 @require_GET
 @never_cache
 def index(request: HttpRequest) -> HttpResponse:
     """The chat widget (WebSocket), with this browser's conversation so far, so a refresh keeps it."""
-    session_id = widget_session_id(request)
+    session_id = widget_session_id(request.session)
     transcript = session_transcript(session_id=session_id) or {"turns": []}
     widget = {
         "sessionId": session_id,
@@ -207,24 +194,25 @@ def index(request: HttpRequest) -> HttpResponse:
 def new_conversation(request: HttpRequest) -> HttpResponse:
     """Start a new conversation in the widget: a new chat session for this browser (the old one's
     turns stay in the database). CSRF-protected form POST; redirects to the widget."""
-    widget_session_id(request, renew=True)
+    widget_session_id(request.session, renew=True)
     return HttpResponseRedirect("/")
 
 
 async def prompt_trial_stream(request: HttpRequest, prompt_id: int) -> HttpResponse:
     """The admin's "try it" stream for a prompt version (chatbot.trial events as SSE).
 
-    Staff with the view permission on prompts only (403 otherwise, 404 for an unknown version).
-    The inputs are the mode's fields as query parameters. Bad input is an `error` event: the page's
-    EventSource cannot read an HTTP error's body.
+    The inputs are the mode's fields as query parameters. Every refusal is a stream of one `error`
+    event (the page's EventSource cannot read an HTTP error's body): 403 unless the user may try
+    prompts (chatbot.trial.trial_permitted) or when the browser says the request came from another
+    site (`Sec-Fetch-Site`: a trial runs a generation), 404 for an unknown version, 400 bad input.
     """
     user = await request.auser()
-    allowed = user.is_active and user.is_staff and await sync_to_async(user.has_perm)("chatbot.view_prompttemplate")
-    if not allowed:
-        return _json(contract.envelope(403, "권한이 없습니다.", None), status=403)
+    foreign = request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none")
+    if foreign or not await sync_to_async(trial_permitted)(user):
+        return _sse_response(_sse_error(403, "이 프롬프트를 시험할 권한이 없습니다. 관리자로 다시 로그인해 주세요."))
     prompt = await PromptTemplate.objects.filter(pk=prompt_id).afirst()
     if prompt is None:
-        return _json(contract.envelope(404, "그런 프롬프트 버전이 없습니다.", None), status=404)
+        return _sse_response(_sse_error(404, "그런 프롬프트 버전이 없습니다."))
 
     async def body() -> AsyncIterator[bytes]:
         event_id = 0

@@ -56,8 +56,15 @@ class Stack:
     def restart_web(self) -> None:
         """Stop daphne (if it still runs) and start a new one on the same port; return once it answers."""
         _stop(self.web)
-        self.web = _start_web(self.port, self.env, self.log_dir / "web-restarted.log")
+        self.web = _start_web(self.port, self.env, self._next_log("web-restarted"))
         _wait(lambda: _web_up(self.base_url), 60, "the restarted daphne", [self.worker, self.web], self.log_dir)
+
+    def _next_log(self, stem: str) -> Path:
+        """A log file name not used yet in this stack's folder (restarts keep the earlier logs)."""
+        n = 1
+        while (self.log_dir / f"{stem}-{n}.log").exists():
+            n += 1
+        return self.log_dir / f"{stem}-{n}.log"
 
     def restart(self) -> None:
         """Stop daphne and the GPU worker (SIGTERM) and start new ones on the same port, database,
@@ -66,7 +73,7 @@ class Stack:
         _stop(self.worker)
         _wait(lambda: not self.worker_alive(), 15, "the old worker's heartbeat to go", [], self.log_dir)
         self.worker = _start_worker(self.tag, self.env, self.log_dir)
-        self.web = _start_web(self.port, self.env, self.log_dir / "web-restarted.log")
+        self.web = _start_web(self.port, self.env, self._next_log("web-restarted"))
         _wait(lambda: _web_up(self.base_url), 60, "the restarted daphne", [self.worker, self.web], self.log_dir)
         _wait(self.worker_alive, 120, "the restarted worker's heartbeat", [self.worker, self.web], self.log_dir)
 

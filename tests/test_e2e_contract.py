@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from chatbot import contract
@@ -250,6 +251,27 @@ def test_websocket_rejects_a_foreign_origin(stack) -> None:
         with connect(f"{stack.ws_url}/ws/chat/x/", origin="http://evil.example", open_timeout=10):
             pass
     assert "403" in str(excinfo.value)
+
+
+def test_a_widget_session_is_joined_only_from_the_browser_it_belongs_to(stack) -> None:
+    """A `web-…` chat session is bound to the Django session of the browser that was given it."""
+    browser = httpx.Client(base_url=stack.base_url, timeout=10)
+    html = browser.get("/").text
+    session_id = json.loads(html.split('<script id="widget-data" type="application/json">')[1].split("</script>")[0])["sessionId"]
+    cookie = f"sessionid={browser.cookies['sessionid']}"
+    with connect(f"{stack.ws_url}/ws/chat/{session_id}/", origin=stack.origin, open_timeout=10) as stranger:
+        refused = json.loads(stranger.recv(timeout=10))
+        assert (refused["type"], refused["status"]) == ("chat.error", 403)
+        with pytest.raises(ConnectionClosed) as closed:
+            stranger.recv(timeout=10)
+        assert closed.value.rcvd.code == 4403
+    headers = {"Cookie": cookie}
+    with connect(f"{stack.ws_url}/ws/chat/{session_id}/", origin=stack.origin, additional_headers=headers) as own:
+        own.send(json.dumps({"type": "chat.message", "message": "텀블러를 쓰고 싶어요"}))
+        frames = [json.loads(own.recv(timeout=60))]
+        while frames[-1]["type"] not in ("chat.done", "chat.error"):
+            frames.append(json.loads(own.recv(timeout=60)))
+    assert frames[-1]["type"] == "chat.done"
 
 
 def test_sse_parser_rejects_malformed_streams() -> None:

@@ -8,12 +8,14 @@ import json
 import time
 
 import pytest
-from django.contrib.auth.models import User
+from asgiref.sync import async_to_sync
+from django.contrib.auth.models import Permission, User
 from django.test import Client
 
 from chatbot.conversation import TurnDraft, TurnOutcome, turn_record
 from chatbot.models import Category, PromptTemplate
 from chatbot.seed import LOCATIONS, WORK_TYPES
+from chatbot.trial import trial_permitted
 
 pytestmark = pytest.mark.django_db
 
@@ -70,18 +72,43 @@ def test_a_new_conversation_needs_the_csrf_token_and_gives_a_new_session() -> No
     assert widget_data(browser)["sessionId"] not in (old, "")
 
 
-def test_only_staff_with_the_view_permission_may_try_a_prompt(admin_client) -> None:
+async def _read(stream) -> bytes:
+    return b"".join([chunk async for chunk in stream])
+
+
+def refusal(client: Client, url: str, **headers: str) -> tuple[str, int]:
+    """A refused trial stream: one `error` event (EventSource cannot read an HTTP error's body)."""
+    response = client.get(url, {"message": "텀블러"}, **headers)
+    assert response.status_code == 200 and response["Content-Type"] == "text/event-stream"
+    body = async_to_sync(_read)(response.streaming_content).decode()
+    event, data = (line.split(": ", 1)[1] for line in body.splitlines() if line.startswith(("event:", "data:")))
+    return event, json.loads(data)["status"]
+
+
+def staff(name: str, *permissions: str) -> Client:
+    user = User.objects.create_user(name, password="pw-123456", is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(codename__in=permissions))
+    client = Client()
+    assert client.login(username=name, password="pw-123456")
+    return client
+
+
+def test_only_staff_who_may_see_prompts_may_try_them(admin_client) -> None:
     prompt = PromptTemplate.objects.get(mode="free_text", is_active=True)
     stream = f"/admin/chatbot/prompttemplate/{prompt.pk}/try/stream"
     page = f"/admin/chatbot/prompttemplate/{prompt.pk}/try/"
     anonymous = Client()
-    assert anonymous.get(stream, {"message": "텀블러"}).status_code == 403
+    assert refusal(anonymous, stream) == ("error", 403)
     assert anonymous.get(page).status_code == 302  # to the admin login
-    User.objects.create_user("clerk", password="pw-123456", is_staff=True)  # staff without the permission
-    clerk = Client()
-    clerk.login(username="clerk", password="pw-123456")
-    assert clerk.get(stream, {"message": "텀블러"}).status_code == 403
+    clerk = staff("clerk")  # staff without a permission on prompts
+    assert refusal(clerk, stream) == ("error", 403)
     assert clerk.get(page).status_code == 403
-    assert admin_client.get(f"/admin/chatbot/prompttemplate/{prompt.pk + 1000}/try/stream").status_code == 404
+    for name, permission in (("viewer", "view_prompttemplate"), ("editor", "change_prompttemplate")):
+        user = staff(name, permission)
+        assert trial_permitted(User.objects.get(username=name))
+        assert user.get(page).status_code == 200
+    # A trial runs a generation: a request another site made the browser send is refused.
+    assert refusal(admin_client, stream, HTTP_SEC_FETCH_SITE="cross-site") == ("error", 403)
+    assert refusal(admin_client, f"/admin/chatbot/prompttemplate/{prompt.pk + 1000}/try/stream") == ("error", 404)
     body = admin_client.get(page).content.decode()
     assert 'data-testid="try-run"' in body and 'name="message"' in body and prompt.system[:20] in body
