@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: run test bench eval eval-retrieval setup venv redis migrate index model browser lint clean
+.PHONY: run test bench eval eval-retrieval setup venv redis migrate index model browser check-deploy lint clean
 
 # Reinstall only when requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -54,8 +54,14 @@ browser:
 	  $(APT) install --no-install-recommends $(BROWSER_PACKAGES) || { $(APT) update && $(APT) install --no-install-recommends $(BROWSER_PACKAGES); }; \
 	fi
 
+# The suite runs twice: on SQLite (the default database) and on PostgreSQL (production's), each stack
+# on a fresh database of its own. POSTGRES_URL names the server (the database itself need not exist).
+POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/leafresh
 test: setup lint browser
 	LEAFRESH_CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest
+	@$(PY) -c "import psycopg, sys; from urllib.parse import urlparse; u = urlparse(sys.argv[1]); psycopg.connect(u._replace(path='/postgres').geturl(), connect_timeout=5).close()" '$(POSTGRES_URL)' \
+	  || { echo "PostgreSQL does not answer at $(POSTGRES_URL): the suite's second run needs it (set POSTGRES_URL)" >&2; exit 1; }
+	DATABASE_URL=$(POSTGRES_URL) LEAFRESH_CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest
 
 $(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-bench.txt
@@ -71,6 +77,14 @@ eval: setup
 # hit@3 / recall@3 of dense, sparse and hybrid retrieval; writes bench/results/retrieval.{json,md}.
 eval-retrieval: setup
 	$(PY) bench/eval_retrieval.py
+
+# `manage.py check --deploy` on the documented production settings (deploy/production.env.example),
+# with throwaway secrets filled in; any warning fails.
+check-deploy: venv
+	set -a && . deploy/production.env.example && set +a && \
+	  DJANGO_SECRET_KEY="$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(50))')" \
+	  LEAFRESH_API_KEYS="$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(32))')" \
+	  $(PY) manage.py check --deploy --fail-level WARNING
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -10,6 +10,7 @@ class ChatbotConfig(AppConfig):
         from django.db import transaction
         from django.db.models.signals import post_delete, post_save
 
+        from chatbot import checks  # noqa: F401 - registers the deployment checks
         from chatbot.models import Category, GenerationSettings, KnowledgeDocument, ModerationTerm, PromptTemplate
         from chatbot.selectors import config_cache_clear
 

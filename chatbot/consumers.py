@@ -24,6 +24,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from chatbot import contract
 from chatbot.contract import ContractError
 from chatbot.conversation import widget_session_allowed
+from chatbot.ratelimit import RateLimited, rate_limit_check
 from chatbot.services import Recommendation, prepare_failure, recommendation_cancel, recommendation_prepare
 from chatbot.streaming import Ping, answer_events
 
@@ -91,6 +92,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def _start(self, kind: str, frame: dict[str, Any]) -> None:
         if self.active is not None and not self.active.done:
             await self._error(409, contract.MESSAGE_BUSY)
+            return
+        try:
+            client = self.scope.get("client") or [None]
+            await rate_limit_check(session_id=self.session_id, address=client[0])
+        except RateLimited as exc:
+            await self._error(429, exc.message)
             return
         if kind == "chat.base_info":
             mode, params = "base_info", {k: frame.get(k) for k in ("location", "workType", "category")}

@@ -10,6 +10,7 @@ version of the service (DESIGN.md).
 from __future__ import annotations
 
 import unicodedata
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ MESSAGE_BAD_FRAME = "메시지 형식이 올바르지 않습니다."
 MESSAGE_KNOWLEDGE_UNAVAILABLE = "참고 자료 검색 서버에 연결할 수 없습니다. 잠시 후 다시 시도해 주세요."
 MESSAGE_SESSION = "대화 기록 조회 완료"
 MESSAGE_NO_SESSION = "대화 기록이 없습니다."
+MESSAGE_EVENTS_LOST = "답변의 일부를 받지 못했습니다. 다시 시도해 주세요."
 MESSAGE_NOT_YOUR_SESSION = "이 대화에 연결할 수 없습니다. 페이지를 새로고침해 주세요."
 # Replies to free text that gets no recommendation (a completed answer with no challenges).
 REPLY_OFF_TOPIC = (
@@ -110,6 +112,29 @@ def check_free_text(params: Mapping[str, Any]) -> FreeTextInput:
     """Validate free-text fields (all required, bounded by LIMITS). Raises ContractError."""
     c = _check(params, FREE_TEXT_FIELDS)
     return FreeTextInput(session_id=c["sessionId"], message=c["message"])
+
+
+MAX_QUERY_BYTES = 8 * 1024  # the same bound as a POST body
+
+
+def query_params(raw: str) -> dict[str, str]:
+    """A GET request's query string (as sent, percent-encoded) as a dict, the last value of a
+    repeated name winning, as Django's `QueryDict.dict()`. Unlike Django, invalid UTF-8 is refused
+    rather than replaced with U+FFFD. Raises ContractError (400) for that or a query over 8 KiB."""
+    if len(raw) > MAX_QUERY_BYTES:
+        raise ContractError(["query"], f"{MESSAGE_INVALID} 요청 주소가 너무 깁니다.")
+    try:
+        return dict(urllib.parse.parse_qsl(raw, keep_blank_values=True, encoding="utf-8", errors="strict"))
+    except UnicodeDecodeError:
+        raise ContractError(["query"], f"{MESSAGE_INVALID} 주소의 값은 UTF-8로 퍼센트 인코딩해 주세요.") from None
+
+
+def session_key(value: Any) -> str | None:
+    """A sessionId fit to key a rate limit by (a non-empty string within its limit), else None; the
+    full check comes later, with the other fields."""
+    if isinstance(value, str) and 0 < len(value) <= LIMITS["sessionId"]:
+        return value
+    return None
 
 
 def envelope(status: int, message: str, data: Any) -> dict[str, Any]:

@@ -7,7 +7,8 @@ terminal event (`chat.done` or `chat.error`), after which it ends. While nothing
 `Ping` every `ping_interval_s` so the caller can keep the connection alive. Every failure becomes a
 terminal `chat.error`: no live worker (503), no worker took the request (503), the worker that took
 it stopped sending heartbeats (503), no first token or no event for LEAFRESH_STALL_TIMEOUT_S while
-the worker lives (504: an event was lost), Redis or any other exception (500). Whenever the stream
+the worker lives (504: an event was lost), a gap in the event numbers (502: events were lost),
+Redis or any other exception (500). Whenever the stream
 ends without the worker's own terminal event (client gone, stop pressed, the listener gave up), the
 request is cancelled in the engine.
 """
@@ -178,6 +179,10 @@ async def recommendation_events(request: GenerationRequest) -> AsyncIterator[dic
             seq = int(message.get("seq", 0))
             if seq <= last_seq:
                 continue  # a duplicate delivery
+            if seq > last_seq + 1:  # events were lost: say so rather than show a silently cut text
+                logger.warning("request %s: events %d to %d were lost", request.request_id, last_seq + 1, seq - 1)
+                yield fail(502, contract.MESSAGE_EVENTS_LOST, FinishReason.ERROR)
+                return
             last_seq = seq
             last_event_at = time.monotonic()
             kind = message.get("type")

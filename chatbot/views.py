@@ -25,6 +25,7 @@ from chatbot.contract import ContractError
 from chatbot.conversation import session_clear, session_transcript, widget_session_id
 from chatbot.knowledge import KnowledgeUnavailableError
 from chatbot.models import PromptTemplate
+from chatbot.ratelimit import RateLimited, rate_limit_check
 from chatbot.seed import LOCATIONS, WORK_TYPES
 from chatbot.selectors import category_list_active
 from chatbot.services import Recommendation, prepare_failure, recommendation_prepare
@@ -39,7 +40,7 @@ REQUEST_ID_HEADER = "X-Request-ID"  # the generation's id, as the worker's logs 
 def _params(request: HttpRequest) -> dict[str, Any]:
     """GET query parameters, or a POST's JSON object body. Raises ContractError on a bad body."""
     if request.method == "GET":
-        return request.GET.dict()
+        return contract.query_params(request.META.get("QUERY_STRING", ""))
     if len(request.body) > MAX_BODY_BYTES:
         raise ContractError(["body"], f"{contract.MESSAGE_INVALID} 본문이 너무 큽니다.")
     try:
@@ -118,14 +119,24 @@ async def _sse_error(status: int, message: str) -> AsyncIterator[bytes]:
     yield sse.encode_event(event_id=1, event="error", data=contract.envelope(status, message, None))
 
 
+def _limited_address(request: HttpRequest) -> str | None:
+    """The client address to rate-limit by; None for an API-key holder (chatbot.auth)."""
+    return None if getattr(request, "api_client", False) else request.META.get("REMOTE_ADDR")
+
+
 async def _recommend(request: HttpRequest, mode: str) -> HttpResponse:
     if request.method not in ("GET", "POST"):
         message = "GET(SSE) 또는 POST(JSON)만 지원합니다."
         return _json(contract.envelope(405, message, None), status=405, headers={"Allow": "GET, POST"})
     try:
-        generation = await recommendation_prepare(mode=mode, params=_params(request))
+        params = _params(request)
+        await rate_limit_check(session_id=contract.session_key(params.get("sessionId")), address=_limited_address(request))
+        generation = await recommendation_prepare(mode=mode, params=params)
     except ContractError as exc:
         return _json(exc.envelope(), status=exc.status)
+    except RateLimited as exc:
+        headers = {"Retry-After": str(exc.retry_after_s)}
+        return _json(contract.envelope(429, exc.message, None), status=429, headers=headers)
     except Exception as exc:  # noqa: BLE001 - prepare_failure logs it; the envelope, never Django's HTML page
         status, message = prepare_failure(exc)
         if request.method == "GET" and isinstance(exc, KnowledgeUnavailableError):

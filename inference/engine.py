@@ -44,9 +44,18 @@ logger = logging.getLogger(__name__)
 MESSAGE_LENGTH = "답변이 너무 길어져 완성하지 못했습니다. 다시 시도해 주세요."
 MESSAGE_DEADLINE = "응답 시간이 초과되었습니다. 잠시 후 다시 시도해 주세요."
 MESSAGE_ERROR = "추천을 생성하는 중 오류가 발생했습니다. 잠시 후 다시 시도해 주세요."
+SEEN_REQUESTS = 10_000  # request ids remembered to drop a redelivered task (ids are random UUIDs)
 MAX_PREFILL_PER_STEP = 8  # prompts prefilled together between two decode steps (bounds the stall)
 RENDER_INTERVAL_S = 0.02  # how often a request's growing JSON is re-rendered (half the publisher's flush)
 MESSAGE_BUSY = "지금은 요청이 많아 처리할 수 없습니다. 잠시 후 다시 시도해 주세요."
+MESSAGE_TOO_LONG = "메시지와 대화가 너무 길어 답할 수 없습니다. 더 짧게 보내 주세요."
+# The least room an answer needs in the context window (an answer is about 80-250 tokens); with less,
+# the request is refused, with more but under max_new_tokens the budget shrinks to the room left.
+MIN_ANSWER_TOKENS = 128
+
+
+class PromptTooLongError(GenerationError):
+    """The prompt leaves less than MIN_ANSWER_TOKENS of the model's context window."""
 
 
 class EventSink(Protocol):
@@ -94,6 +103,7 @@ class _Sequence:
     renderer: ProgressiveRenderer
     rng: torch.Generator
     admitted_at: float
+    budget: int  # completion tokens allowed: max_new_tokens, or less where the context window ends
     generated: list[int] = field(default_factory=list)
     completion: str = ""
     unrendered: str = ""  # completion text not yet fed to the renderer
@@ -124,6 +134,8 @@ class Engine:
     ) -> None:
         self.loaded = loaded
         self._count_tokens = chat_token_counter(loaded.tokenizer)
+        # The model's context window (positions); prompt + max_new_tokens must fit. None: not known.
+        self.context_tokens: int | None = getattr(loaded.model.config, "max_position_embeddings", None)
         self.sink = sink
         self.metrics = metrics or EngineMetrics(worker="local")
         self.max_running = max_running
@@ -138,6 +150,7 @@ class Engine:
         self._waiting: deque[GenerationRequest] = deque()
         self._positions: dict[str, int] = {}  # last position announced to each waiting request
         self._cancelled: OrderedDict[str, float] = OrderedDict()  # cancels that may precede their submit
+        self._seen: OrderedDict[str, None] = OrderedDict()  # recent request ids: a redelivered task is ignored
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.steps = 0  # decode steps run (one forward pass for the whole batch each)
@@ -205,7 +218,17 @@ class Engine:
                 return
 
     def _accept(self, request: GenerationRequest) -> None:
-        """Queue a request (a `chat.queued` with its position: 0 = it joins the batch at the next step)."""
+        """Queue a request (a `chat.queued` with its position: 0 = it joins the batch at the next step).
+
+        A request id seen among the last SEEN_REQUESTS is ignored: a task delivered twice (a broker
+        redelivery) gives one answer.
+        """
+        if request.request_id in self._seen:
+            logger.warning("request %s was delivered again: ignored", request.request_id)
+            return
+        self._seen[request.request_id] = None
+        if len(self._seen) > SEEN_REQUESTS:
+            self._seen.popitem(last=False)
         if self._cancelled.pop(request.request_id, None) is not None:
             self.metrics.finished(FinishReason.CANCELLED, time.time() - request.created_at)
             return
@@ -270,6 +293,9 @@ class Engine:
             request = self._waiting.popleft()  # _expire has just removed those past their deadline
             try:
                 admitted.append(self._new_sequence(request, time.time()))
+            except PromptTooLongError as exc:
+                logger.info("request %s refused: %s", request.request_id, exc)
+                self._refuse(request, FinishReason.ERROR, 400, MESSAGE_TOO_LONG)
             except Exception:
                 logger.exception("could not prepare request %s", request.request_id)
                 self._refuse(request, FinishReason.ERROR, 500, MESSAGE_ERROR)
@@ -287,12 +313,21 @@ class Engine:
         self._announce_positions()  # everyone still waiting moved up
 
     def _new_sequence(self, request: GenerationRequest, now: float) -> _Sequence:
+        """The request's row: history window, chat template, tokens, grammar matcher, and its budget
+        (max_new_tokens, cut to the room the context window leaves). Raises PromptTooLongError when
+        that room is under MIN_ANSWER_TOKENS."""
         tokenizer = self.loaded.tokenizer
         history = history_window(request.history, budget=request.history_budget_tokens, count=self._count_tokens)
         split = 1 if request.messages and request.messages[0].get("role") == "system" else 0
         messages = [*request.messages[:split], *history.messages, *request.messages[split:]]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        budget = request.sampling.max_new_tokens
+        if self.context_tokens is not None:
+            room = self.context_tokens - len(prompt_ids)
+            if room < MIN_ANSWER_TOKENS:
+                raise PromptTooLongError(f"{len(prompt_ids)} prompt tokens leave {room} of {self.context_tokens} positions")
+            budget = min(budget, room)
         seed = request.sampling.seed
         if seed is None:
             seed = int.from_bytes(request.request_id.encode()[:8], "little")
@@ -304,6 +339,7 @@ class Engine:
             renderer=ProgressiveRenderer(),
             rng=torch.Generator().manual_seed(seed),
             admitted_at=now,
+            budget=budget,
             history=history,
         )
 
@@ -380,7 +416,7 @@ class Engine:
             self._emit(seq, seq.detokenizer.flush(), force=True)
             self._finish(seq)
             return "done"
-        if len(seq.generated) >= seq.request.sampling.max_new_tokens:
+        if len(seq.generated) >= seq.budget:
             self._fail_seq(seq, FinishReason.LENGTH, 500, MESSAGE_LENGTH)
             return "done"
         return "continue"

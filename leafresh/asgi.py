@@ -13,9 +13,11 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from chatbot.auth import api_keys_startup_check  # noqa: E402
 from chatbot.knowledge.dense import warm_in_background  # noqa: E402
 from chatbot.routing import websocket_urlpatterns  # noqa: E402
 
+api_keys_startup_check()  # says whether /ai/ is protected; refuses to serve it open in production
 warm_in_background()  # the first free-text request should not wait for torch's import
 
 http_app = django_asgi_app

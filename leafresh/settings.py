@@ -19,6 +19,27 @@ DEBUG = env.bool("DJANGO_DEBUG", default=True)
 SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="dev-only-insecure-key-change-me")
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 
+# --- security ---
+# `/ai/` (and `/v1/`) need `Authorization: Bearer <key>`, one of these (comma-separated, several for
+# rotation). Empty: open, which only DEBUG allows (chatbot.auth).
+LEAFRESH_API_KEYS = [key for key in env.list("LEAFRESH_API_KEYS", default=[]) if key]
+# Generation requests per chat session and per client address (API-key holders are limited per
+# session only), shared through Redis; `limits` notation, empty = off (chatbot.ratelimit).
+LEAFRESH_RATE_LIMIT_SESSION = env.str("LEAFRESH_RATE_LIMIT_SESSION", default="20/minute")
+LEAFRESH_RATE_LIMIT_ADDRESS = env.str("LEAFRESH_RATE_LIMIT_ADDRESS", default="120/minute")
+# Production (DEBUG off) defaults to HTTPS only, as `manage.py check --deploy` asks; behind a proxy
+# that ends TLS, DJANGO_SECURE_PROXY_SSL_HEADER=true trusts its X-Forwarded-Proto.
+SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=not DEBUG)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]  # probes and scrapers inside the cluster
+SESSION_COOKIE_SECURE = env.bool("DJANGO_SESSION_COOKIE_SECURE", default=not DEBUG)
+CSRF_COOKIE_SECURE = env.bool("DJANGO_CSRF_COOKIE_SECURE", default=not DEBUG)
+SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=0 if DEBUG else 31_536_000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=not DEBUG)
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_SECURE_HSTS_PRELOAD", default=not DEBUG)
+if env.bool("DJANGO_SECURE_PROXY_SSL_HEADER", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
 # Caches, models and indexes live here (never /tmp).
 DATA_DIR = (BASE_DIR / env.str("LEAFRESH_DATA_DIR", default="var")).resolve()  # relative to the project
 DATA_DIR.mkdir(parents=True, exist_ok=True)
@@ -37,6 +58,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "chatbot.auth.ApiKeyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",

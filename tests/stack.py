@@ -6,16 +6,18 @@ isolated by its own Redis key prefix, SQLite file, knowledge index and port.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 import redis
@@ -152,28 +154,68 @@ def _index_knowledge(env: dict[str, str], index_dir: Path) -> None:
     env["LEAFRESH_QDRANT_PATH"] = str(index_dir)
 
 
-@contextmanager
-def launch_stack(tag: str, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
-    """Start Redis (if needed), migrate a fresh SQLite file, then the worker and daphne; stop them after.
+@dataclass
+class PreparedStack:
+    """What a stack's processes need: their environment, the stack's folder, a Redis client and the
+    stack's Redis key prefix. `cleanup()` deletes the stack's Redis keys and its database."""
 
-    Every Redis key of the stack is under its own LEAFRESH_REDIS_PREFIX, so concurrent test runs and a
-    running `make run` on the same Redis never see each other's tasks or events.
-    """
+    env: dict[str, str]
+    log_dir: Path
+    redis: redis.Redis
+    prefix: str
+    drop_database: Callable[[], None]
+
+    def cleanup(self) -> None:
+        for key in self.redis.scan_iter(match=f"{self.prefix}:*"):
+            self.redis.delete(key)
+        self.drop_database()
+
+
+def _stack_database(tag: str, log_dir: Path) -> tuple[str, Callable[[], None]]:
+    """The stack's own database URL and how to drop it: a SQLite file in its folder, or, when the
+    suite runs on PostgreSQL (DATABASE_URL postgres://…), a fresh database on that server."""
+    base = os.environ.get("DATABASE_URL", "")
+    if not base.startswith(("postgres://", "postgresql://")):
+        return f"sqlite:///{log_dir / 'db.sqlite3'}", lambda: None
+    import psycopg
+    from psycopg import sql
+
+    parsed = urlparse(base)
+    name = re.sub(r"[^a-z0-9_]", "_", f"leafresh_{tag}_{os.getpid()}".lower())
+    server = parsed._replace(path="/postgres").geturl()
+
+    def drop() -> None:
+        with psycopg.connect(server, autocommit=True) as connection:
+            connection.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+    drop()
+    with psycopg.connect(server, autocommit=True) as connection:
+        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return parsed._replace(path=f"/{name}").geturl(), drop
+
+
+def prepare_stack(tag: str, extra_env: dict[str, str] | None = None) -> PreparedStack:
+    """A stack's environment, ready for its processes: Redis answering (started if needed), a fresh
+    migrated database (SQLite, or PostgreSQL when the suite runs on it) and its own knowledge index,
+    under var/test/<tag>-<pid>/."""
     log_dir = ROOT / "var" / "test" / f"{tag}-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    redis_url = (extra_env or {}).get("REDIS_URL") or os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     prefix = f"leafresh-test-{tag}-{os.getpid()}"
+    database_url, drop_database = _stack_database(tag, log_dir)
     env = {
         **os.environ,
         "REDIS_URL": redis_url,
-        "DATABASE_URL": f"sqlite:///{log_dir / 'db.sqlite3'}",
+        "DATABASE_URL": database_url,
         "LEAFRESH_REDIS_PREFIX": prefix,
         "LEAFRESH_MODEL": "",
         "LEAFRESH_DEVICE": "cpu",
         # Pings every 10 ms in tests, so the 40 ms gaps between coalesced token events always carry some.
         "LEAFRESH_PING_INTERVAL_S": "0.01",
         "LEAFRESH_HEARTBEAT_TTL_S": "3",
+        # Tests and the benchmark send many requests from one address: no rate limits unless a test sets them.
+        "LEAFRESH_RATE_LIMIT_SESSION": "",
+        "LEAFRESH_RATE_LIMIT_ADDRESS": "",
         "PYTHONUNBUFFERED": "1",
         **(extra_env or {}),
     }
@@ -181,6 +223,19 @@ def launch_stack(tag: str, extra_env: dict[str, str] | None = None) -> Iterator[
     client = redis.Redis.from_url(redis_url)
     subprocess.run([str(BIN / "python"), "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True)
     _index_knowledge(env, log_dir / "qdrant")
+    return PreparedStack(env, log_dir, client, prefix, drop_database)
+
+
+@contextmanager
+def launch_stack(tag: str, extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """Start Redis (if needed), migrate a fresh SQLite file, then the worker and daphne; stop them after.
+
+    Every Redis key of the stack is under its own LEAFRESH_REDIS_PREFIX, so concurrent test runs and a
+    running `make run` on the same Redis never see each other's tasks or events.
+    """
+    prepared = prepare_stack(tag, extra_env)
+    env, log_dir, client, prefix = prepared.env, prepared.log_dir, prepared.redis, prepared.prefix
+    port = free_port()
     cpu_worker = _start(
         [
             *[str(BIN / "celery"), "-A", "celery_app", "worker", "-P", "solo", "-Q", "cpu", "--loglevel", "INFO"],
@@ -201,5 +256,4 @@ def launch_stack(tag: str, extra_env: dict[str, str] | None = None) -> Iterator[
         _stop(stack.web)
         _stop(stack.worker)
         _stop(cpu_worker)
-        for key in client.scan_iter(match=f"{prefix}:*"):
-            client.delete(key)
+        prepared.cleanup()

@@ -16,6 +16,7 @@ from chatbot import contract
 from tests.helpers import (
     BASE_INFO,
     FREE_TEXT,
+    SSEStream,
     assert_deltas_render_answer,
     assert_one_terminal_last,
     assert_valid_answer,
@@ -272,6 +273,20 @@ def test_a_widget_session_is_joined_only_from_the_browser_it_belongs_to(stack) -
         while frames[-1]["type"] not in ("chat.done", "chat.error"):
             frames.append(json.loads(own.recv(timeout=60)))
     assert frames[-1]["type"] == "chat.done"
+
+
+def test_a_slow_reader_loses_no_token(stack) -> None:
+    """A client that reads 64 bytes every 50 ms still gets every delta: the text equals the answer's rendering."""
+    params = {"sessionId": "slow-reader", "message": "텀블러를 쓰고 싶어요"}
+    raw = b""
+    with httpx.stream("GET", stack.base_url + FREE_TEXT, params=params, timeout=60) as response:
+        for chunk in response.iter_raw(chunk_size=64):
+            raw += chunk
+            time.sleep(0.05)
+    stream = SSEStream(response.status_code, response.headers, raw, parse_sse(raw))
+    assert_one_terminal_last(stream)
+    assert stream.terminal.event == "close"
+    assert_deltas_render_answer(stream.text, stream.terminal.data["data"])
 
 
 def test_sse_parser_rejects_malformed_streams() -> None:

@@ -9,18 +9,26 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 
 import httpx
 from websockets.sync.client import connect
 
+from chatbot import contract
 from tests.helpers import FREE_TEXT, SSEStream, assert_one_terminal_last, cancelled_in_engine, eventually, parse_sse
+from tests.stack import BIN, ROOT
 
 
-def _stream_until_first_delta_then(client: httpx.Client, session: str, act) -> tuple[SSEStream, float]:
+def _stream_until_first_delta_then(
+    client: httpx.Client, session: str, act, headers_out: dict[str, str] | None = None
+) -> tuple[SSEStream, float]:
     """Open a free-text SSE stream, call `act()` once the first `challenge` event arrived, read to the
-    end; return the stream and the seconds it took to end after `act()`."""
+    end; return the stream and the seconds it took to end after `act()`. `headers_out["id"]` gets
+    the stream's request id (X-Request-ID) before `act()` runs."""
     with client.stream("GET", FREE_TEXT, params={"sessionId": session, "message": "자전거를 타고 싶어요"}) as response:
+        if headers_out is not None:
+            headers_out["id"] = response.headers["X-Request-ID"]
         raw = b""
         chunks = response.iter_raw()
         for chunk in chunks:
@@ -33,6 +41,48 @@ def _stream_until_first_delta_then(client: httpx.Client, session: str, act) -> t
             raw += chunk
         ended_after = time.monotonic() - acted_at
     return SSEStream(response.status_code, response.headers, raw, parse_sse(raw)), ended_after
+
+
+def _inject(stack, session: str, event: dict) -> None:
+    """Publish `event` to the session's group from another process, as a broken or lossy worker would."""
+    code = (
+        "import asyncio; from channels.layers import get_channel_layer; "
+        "from chatbot.services import session_group_name; "
+        f"asyncio.run(get_channel_layer().group_send(session_group_name({session!r}), {event!r}))"
+    )
+    subprocess.run([str(BIN / "python"), "manage.py", "shell", "-c", code], cwd=ROOT, env=stack.env, check=True)
+
+
+def _stream_with_injected(stack, session: str, make_event) -> tuple[SSEStream, float, str]:
+    """Open a stream, and once its first delta arrived inject `make_event(request_id)` into the
+    session's group; return the stream, the seconds it took to end after the injection, its request id."""
+    holder: dict[str, str] = {}
+    client = httpx.Client(base_url=stack.base_url, timeout=60)
+    stream, ended_after = _stream_until_first_delta_then(
+        client, session, lambda: _inject(stack, session, make_event(holder["id"])), holder
+    )
+    return stream, ended_after, holder["id"]
+
+
+def test_a_malformed_event_mid_answer_ends_the_stream_with_one_error_within_a_second(slow_stack) -> None:
+    stream, ended_after, request_id = _stream_with_injected(
+        slow_stack, "inject-bad", lambda rid: {"type": "chat.token", "request_id": rid, "seq": "not-a-number", "text": "x"}
+    )
+    assert_one_terminal_last(stream)
+    assert stream.terminal.event == "error" and stream.terminal.data["status"] == 500
+    assert ended_after < 1.0, f"the stream ended {ended_after:.2f} s after the failure"
+    assert eventually(lambda: cancelled_in_engine(slow_stack, request_id), 10), "the engine did not cancel the request"
+
+
+def test_lost_events_end_the_stream_with_one_clear_error_never_a_silently_cut_text(slow_stack) -> None:
+    stream, ended_after, request_id = _stream_with_injected(
+        slow_stack, "inject-gap", lambda rid: {"type": "chat.token", "request_id": rid, "seq": 100_000, "text": "x"}
+    )
+    assert_one_terminal_last(stream)
+    assert stream.terminal.event == "error" and stream.terminal.data["status"] == 502
+    assert stream.terminal.data["message"] == contract.MESSAGE_EVENTS_LOST
+    assert ended_after < 1.0
+    assert eventually(lambda: cancelled_in_engine(slow_stack, request_id), 10), "the engine did not cancel the request"
 
 
 def test_sse_client_disconnect_cancels_the_generation(slow_stack) -> None:

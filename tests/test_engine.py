@@ -167,6 +167,36 @@ def test_token_budget_running_out_is_an_error_never_a_broken_close(engine) -> No
     assert payload["message"]
 
 
+def test_a_prompt_that_leaves_no_room_in_the_context_window_is_refused_with_400(engine) -> None:
+    engine_, sink = engine
+    window = engine_.context_tokens
+    assert window == 1024  # the demo model's max_position_embeddings
+    request = base_info_request("huge", "VEGAN", temperature=0.0)
+    words = " ".join(f"낱말{n}" for n in range(window))  # well over the window in tokens
+    huge = GenerationRequest(**{**request.__dict__, "messages": [*request.messages[:-1], {"role": "user", "content": words}]})
+    engine_.submit(huge)
+    engine_.submit(base_info_request("next", "VEGAN", temperature=0.0, max_new_tokens=100_000))  # cut to the room left
+    sink.wait(2)
+    kind, _, payload = sink.of("huge")[-1]
+    assert kind == "error" and payload["status"] == 400 and payload["reason"] is FinishReason.ERROR
+    assert [e[0] for e in sink.of("huge")] == ["queued", "error"]  # refused before any token
+    assert sink.of("next")[-1][0] == "done"  # and the engine goes on
+
+
+def test_a_request_delivered_twice_is_answered_once(engine) -> None:
+    engine_, sink = engine
+    request = base_info_request("twice", "VEGAN", temperature=0.0)
+    engine_.submit(request)
+    engine_.submit(request)  # a broker redelivery of the same task
+    engine_.submit(base_info_request("after-twice", "VEGAN", temperature=0.0))
+    sink.wait(2)
+    kinds = [e[0] for e in sink.of("twice")]
+    assert kinds.count("queued") == 1 and kinds.count("done") == 1 and kinds[-1] == "done"
+    assert sink.ended == 2  # nothing more ends later for the duplicate
+    time.sleep(0.3)
+    assert sink.ended == 2
+
+
 def test_cancel_stops_a_request_and_publishes_nothing_more(engine) -> None:
     engine_, sink = engine
     engine_.cancel("early")  # a cancel that arrives before its request

@@ -1,0 +1,69 @@
+"""Redis restarted mid-answer, on a Redis server of the test's own (the suite's shared one stays up):
+the stream ends with one `error`, not a hang, and once Redis is back new requests are served
+without restarting daphne or the worker."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import httpx
+import redis
+
+from tests.helpers import FREE_TEXT, SSEStream, assert_one_terminal_last, parse_sse
+from tests.stack import BIN, ROOT, free_port, launch_stack
+
+MESSAGE = {"message": "텀블러를 쓰고 싶어요"}
+
+
+def _streams_tokens(base_url: str, session: str) -> bool:
+    """A free-text request is accepted and streams text (read until the first delta, then closed)."""
+    try:
+        with httpx.stream("GET", base_url + FREE_TEXT, params={"sessionId": session, **MESSAGE}, timeout=10) as response:
+            for line in response.iter_lines():
+                if line == "event: challenge":
+                    return True
+                if line in ("event: error", "event: close"):
+                    return False
+    except httpx.HTTPError:
+        return False
+    return False
+
+
+def test_redis_restarted_mid_answer_ends_the_stream_and_new_requests_are_served_after(slow_model_dir) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    env = {"REDIS_URL": url, "LEAFRESH_MODEL": str(slow_model_dir), "LEAFRESH_HEARTBEAT_TTL_S": "2"}
+    server = redis.Redis.from_url(url)
+    try:
+        with launch_stack("redis-restart", env) as stack:
+            raw = b""
+            with httpx.stream("GET", stack.base_url + FREE_TEXT, params={"sessionId": "rr-1", **MESSAGE}, timeout=30) as response:
+                chunks = response.iter_bytes()
+                while b"event: challenge" not in raw:
+                    raw += next(chunks)
+                try:
+                    server.shutdown(nosave=True)
+                except redis.ConnectionError:
+                    pass  # the server closes this very connection as it goes
+                gone = time.monotonic()
+                for chunk in chunks:
+                    raw += chunk
+                ended_after = time.monotonic() - gone
+            stream = SSEStream(response.status_code, response.headers, raw, parse_sse(raw))
+            assert_one_terminal_last(stream)
+            assert stream.terminal.event == "error" and stream.terminal.data["status"] >= 500
+            assert ended_after < 15, f"the stream took {ended_after:.1f} s to end after Redis went away"
+
+            subprocess.run([str(BIN / "python"), "manage.py", "ensure_redis"], cwd=ROOT, env=stack.env, check=True)
+            back = time.monotonic()
+            attempt = 0
+            while not _streams_tokens(stack.base_url, f"rr-after-{attempt}"):
+                attempt += 1
+                assert time.monotonic() - back < 30, "no request was served within 30 s of Redis coming back"
+                time.sleep(0.5)
+            assert stack.web.poll() is None and stack.worker.poll() is None  # nothing was restarted
+    finally:
+        try:
+            server.shutdown(nosave=True)
+        except redis.ConnectionError:
+            pass
