@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 export PORT
 
-.PHONY: run test bench eval eval-retrieval setup venv redis migrate index model browser check-deploy lint clean
+.PHONY: run test bench eval eval-retrieval setup venv redis migrate index model browser check-deploy soak lint clean
 
 # Reinstall only when requirements.txt changes.
 $(VENV)/.installed: requirements.txt
@@ -70,6 +70,11 @@ $(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.installed
 # Throughput and latency of the engine and the whole stack; writes bench/results/latest.{json,png}.
 bench: setup $(VENV)/.bench-installed
 	$(PY) bench/run.py
+
+# 200 concurrent streams (SSE and WebSocket, some abandoned) for 10 minutes against one daphne and one
+# worker on loopback; writes bench/results/soak.json. SOAK_ARGS="--duration-s 60" for a short one.
+soak: setup
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 eval: setup
 	$(PY) bench/eval.py

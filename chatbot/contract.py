@@ -28,6 +28,7 @@ MESSAGE_BAD_FRAME = "메시지 형식이 올바르지 않습니다."
 MESSAGE_KNOWLEDGE_UNAVAILABLE = "참고 자료 검색 서버에 연결할 수 없습니다. 잠시 후 다시 시도해 주세요."
 MESSAGE_SESSION = "대화 기록 조회 완료"
 MESSAGE_NO_SESSION = "대화 기록이 없습니다."
+MESSAGE_RESUME_REPLACED = "이 대화에서 새 요청이 시작되어 이전 답변을 이어 받을 수 없습니다."
 MESSAGE_EVENTS_LOST = "답변의 일부를 받지 못했습니다. 다시 시도해 주세요."
 MESSAGE_NOT_YOUR_SESSION = "이 대화에 연결할 수 없습니다. 페이지를 새로고침해 주세요."
 # Replies to free text that gets no recommendation (a completed answer with no challenges).

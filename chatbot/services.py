@@ -15,7 +15,6 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
@@ -25,6 +24,7 @@ from chatbot.conversation import SessionContext, TurnDraft, session_context
 from chatbot.knowledge import KnowledgeUnavailableError
 from chatbot.models import Category, PromptTemplate
 from chatbot.prompts import build_messages, category_list_text, context_text, conversation_query, profile_text
+from chatbot.redis_client import async_redis
 from chatbot.selectors import (
     NotConfiguredError,
     categories_for_message,
@@ -309,23 +309,31 @@ async def recommendation_cancel(*, request_id: str) -> None:
     await layer.group_send(CONTROL_GROUP, {"type": "engine.cancel", "request_id": request_id})
 
 
-_redis: dict[int, Any] = {}
 ANY_ALIVE_CACHE_S = 1.0  # a positive "some worker is alive" answer is reused this long
+NAMED_ALIVE_CACHE_S = 0.5  # a named worker's answer is shared by every listener waiting on it this long
 _any_alive_seen_at = -ANY_ALIVE_CACHE_S
+_named_alive: dict[str, tuple[float, bool]] = {}
 
 
 async def worker_alive(*, name: str | None = None) -> bool:
-    """True when the named GPU worker's heartbeat (or, with no name, any worker's) has not expired."""
-    import asyncio
+    """True when the named GPU worker's heartbeat (or, with no name, any worker's) has not expired.
 
-    loop_id = id(asyncio.get_running_loop())
-    client = _redis.get(loop_id)
-    if client is None:
-        client = _redis[loop_id] = aioredis.Redis.from_url(settings.REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+    A named worker's answer is reused for NAMED_ALIVE_CACHE_S: with hundreds of streams each checking
+    every second, one Redis read per worker and half second serves them all.
+    """
+    client = async_redis()
     prefix = settings.LEAFRESH_HEARTBEAT_PREFIX
-    if name:
-        return bool(await client.exists(prefix + name))
     now = time.monotonic()
+    if name:
+        checked = _named_alive.get(name)
+        if checked is not None and now - checked[0] < NAMED_ALIVE_CACHE_S:
+            return checked[1]
+        alive = bool(await client.exists(prefix + name))
+        _named_alive[name] = (time.monotonic(), alive)
+        if len(_named_alive) > 1000:  # workers come and go: forget the oldest answers
+            for stale in sorted(_named_alive, key=lambda n: _named_alive[n][0])[:500]:
+                del _named_alive[stale]
+        return alive
     if now - _any_alive_seen_at < ANY_ALIVE_CACHE_S:
         return True  # a heartbeat was seen a moment ago: spare Redis a key scan per request
     async for _ in client.scan_iter(match=prefix + "*", count=100):

@@ -7,13 +7,17 @@ Thin: parse -> check (chatbot.contract) -> build (chatbot.services) -> stream (c
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
+from dataclasses import dataclass, field
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse, StreamingHttpResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
@@ -26,6 +30,7 @@ from chatbot.conversation import session_clear, session_transcript, widget_sessi
 from chatbot.knowledge import KnowledgeUnavailableError
 from chatbot.models import PromptTemplate
 from chatbot.ratelimit import RateLimited, rate_limit_check
+from chatbot.replay import ReplayLog
 from chatbot.seed import LOCATIONS, WORK_TYPES
 from chatbot.selectors import category_list_active
 from chatbot.services import Recommendation, prepare_failure, recommendation_prepare
@@ -34,6 +39,7 @@ from chatbot.trial import prompt_trial_events, trial_permitted
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 8 * 1024
+RESUME_POLL_S = 0.05  # how often a resumed stream looks for new events in the replay log
 REQUEST_ID_HEADER = "X-Request-ID"  # the generation's id, as the worker's logs name it
 
 
@@ -52,37 +58,146 @@ def _params(request: HttpRequest) -> dict[str, Any]:
     return body
 
 
-async def _sse_body(generation: Recommendation) -> AsyncIterator[bytes]:
-    """The event stream: `challenge` deltas, then exactly one `close` or `error`, then the end.
+def _sse_frame(item: dict[str, Any]) -> tuple[int, str, dict[str, Any]] | None:
+    """An event as the SSE contract sends it, `(id, event, data)`; None for events that are not part
+    of it (`chat.queued`, the WebSocket's `chat.challenge` cards)."""
+    kind = item["type"]
+    if kind == "chat.token":
+        return int(item["seq"]), "challenge", contract.envelope(200, contract.MESSAGE_TOKEN, item["text"])
+    if kind == "chat.done":
+        return int(item["seq"]), "close", contract.envelope(200, contract.MESSAGE_DONE, item["data"])
+    if kind == "chat.error":
+        return int(item["seq"]), "error", contract.envelope(int(item["status"]), item["message"], None)
+    return None
 
-    Other events (`chat.queued`, the WebSocket's `chat.challenge` cards) are not part of the SSE contract.
-    """
+
+async def _quietly(action: Awaitable[Any], what: str) -> Any:
+    """Run a replay-log action; a Redis failure only costs the ability to resume."""
+    try:
+        return await action
+    except Exception:
+        logger.warning("replay log: could not %s", what, exc_info=True)
+        return None
+
+
+@dataclass
+class _Relay:
+    """Between a stream's pump and its HTTP response: encoded events (None ends them), and when the
+    client went away."""
+
+    queue: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
+    gone_at: float | None = None
+
+
+_pumps: set[asyncio.Task[None]] = set()  # pumps still running (referenced until they end)
+
+
+async def _pump(generation: Recommendation, relay: _Relay, log: ReplayLog) -> None:
+    """Move a generation's events to its response and its replay log, ending after exactly one
+    terminal event. Once the client has gone, it goes on for LEAFRESH_RESUME_GRACE_S, and longer while
+    a reconnected client reads the log; then it stops, which cancels the generation."""
     last_id = 0
     try:
         async with aclosing(answer_events(generation)) as events:
             async for item in events:
                 if isinstance(item, Ping):
-                    yield sse.PING
-                    continue
-                kind = item["type"]
-                if kind not in ("chat.token", "chat.done", "chat.error"):
-                    continue
-                last_id = int(item["seq"])
-                if kind == "chat.token":
-                    data = contract.envelope(200, contract.MESSAGE_TOKEN, item["text"])
-                    yield sse.encode_event(event_id=last_id, event="challenge", data=data)
-                elif kind == "chat.done":
-                    data = contract.envelope(200, contract.MESSAGE_DONE, item["data"])
-                    yield sse.encode_event(event_id=last_id, event="close", data=data)
-                    return
-                elif kind == "chat.error":
-                    data = contract.envelope(int(item["status"]), item["message"], None)
-                    yield sse.encode_event(event_id=last_id, event="error", data=data)
-                    return
+                    relay.queue.put_nowait(sse.PING)
+                elif (frame := _sse_frame(item)) is not None:
+                    last_id, name, data = frame
+                    relay.queue.put_nowait(sse.encode_event(event_id=last_id, event=name, data=data))
+                    await _quietly(log.append(event_id=last_id, event=name, data=data), "record an event")
+                    if name in ("close", "error"):
+                        return
+                gone = relay.gone_at
+                if gone is not None and time.monotonic() - gone >= settings.LEAFRESH_RESUME_GRACE_S:
+                    if not await _quietly(log.held(), "check for a reconnected client"):
+                        logger.info("request %s: the client left and did not come back", generation.request_id)
+                        return  # closing the events cancels the generation
     except Exception:  # under daphne an exception here would leave the response open
         logger.exception("SSE stream failed for request %s", generation.request_id)
         data = contract.envelope(500, contract.MESSAGE_INTERNAL, None)
-        yield sse.encode_event(event_id=last_id + 1, event="error", data=data)
+        relay.queue.put_nowait(sse.encode_event(event_id=last_id + 1, event="error", data=data))
+        await _quietly(log.append(event_id=last_id + 1, event="error", data=data), "record an event")
+    finally:
+        relay.queue.put_nowait(None)
+
+
+async def _sse_body(generation: Recommendation) -> AsyncIterator[bytes]:
+    """The event stream: `challenge` deltas, then exactly one `close` or `error`, then the end.
+
+    The events come from a pump task (`_pump`) that also records them for a reconnect
+    (chatbot.replay): when this client goes away the generation waits a moment for it to come back.
+    """
+    relay = _Relay()
+    log = ReplayLog(generation.turn.session_id)
+    await _quietly(log.start(generation.request_id), "start the log")
+    task = asyncio.create_task(_pump(generation, relay, log))
+    _pumps.add(task)
+    task.add_done_callback(_pumps.discard)
+    try:
+        while (chunk := await relay.queue.get()) is not None:
+            yield chunk
+    finally:
+        relay.gone_at = time.monotonic()  # the client left (or the stream ended): the pump decides
+
+
+async def _resume_body(log: ReplayLog, request_id: str, after_id: int) -> AsyncIterator[bytes]:
+    """The events of a logged stream after `after_id`, then those still to come, to the terminal one.
+
+    Ends with an `error` when the session starts another stream meanwhile (409) or nothing more is
+    logged for LEAFRESH_STALL_TIMEOUT_S (504: the relay that wrote the log is gone).
+    """
+    index = 0
+    last_id = after_id
+    idle_since = pinged_at = time.monotonic()
+    while True:
+        await log.hold()
+        records = await log.events_from(index)
+        index += len(records)
+        for record in records:
+            if record["id"] <= last_id:
+                continue
+            last_id = record["id"]
+            yield sse.encode_event(event_id=last_id, event=record["event"], data=record["data"])
+            if record["event"] in ("close", "error"):
+                return
+        now = time.monotonic()
+        if records:
+            idle_since = now
+        elif await log.request_id() != request_id:
+            data = contract.envelope(409, contract.MESSAGE_RESUME_REPLACED, None)
+            yield sse.encode_event(event_id=last_id + 1, event="error", data=data)
+            return
+        elif now - idle_since > settings.LEAFRESH_STALL_TIMEOUT_S:
+            yield sse.encode_event(
+                event_id=last_id + 1, event="error", data=contract.envelope(504, contract.MESSAGE_TIMEOUT, None)
+            )
+            return
+        if now - pinged_at >= settings.LEAFRESH_PING_INTERVAL_S:
+            pinged_at = now
+            yield sse.PING
+        await asyncio.sleep(RESUME_POLL_S)
+
+
+async def _resume(params: dict[str, Any], last_event_id: str) -> HttpResponse:
+    """A GET with `Last-Event-ID`: what the session's latest stream sent after that id, then the rest
+    of it (from any web process). 204 when there is nothing to resume (no stream logged, or it had
+    already ended at that id); 400 for a bad sessionId or Last-Event-ID."""
+    session_id = contract.clean_field(params.get("sessionId"), contract.LIMITS["sessionId"])
+    if session_id is None:
+        raise ContractError(["sessionId"], f"{contract.MESSAGE_INVALID} 확인할 항목: sessionId")
+    try:
+        after_id = int(last_event_id)
+    except ValueError:
+        raise ContractError(["Last-Event-ID"], f"{contract.MESSAGE_INVALID} Last-Event-ID는 정수여야 합니다.") from None
+    log = ReplayLog(session_id)
+    request_id = await log.request_id()
+    if request_id is None:
+        return HttpResponse(status=204)
+    ended = [r["id"] for r in await log.events_from(0) if r["event"] in ("close", "error")]
+    if ended and ended[0] <= after_id:
+        return HttpResponse(status=204)  # the client saw the end: EventSource stops reconnecting on 204
+    return _sse_response(_resume_body(log, request_id, after_id), request_id)
 
 
 def _json(payload: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> JsonResponse:
@@ -130,6 +245,8 @@ async def _recommend(request: HttpRequest, mode: str) -> HttpResponse:
         return _json(contract.envelope(405, message, None), status=405, headers={"Allow": "GET, POST"})
     try:
         params = _params(request)
+        if request.method == "GET" and "Last-Event-ID" in request.headers:
+            return await _resume(params, request.headers["Last-Event-ID"])
         await rate_limit_check(session_id=contract.session_key(params.get("sessionId")), address=_limited_address(request))
         generation = await recommendation_prepare(mode=mode, params=params)
     except ContractError as exc:

@@ -111,6 +111,8 @@ REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
 # deployments or test runs can share one Redis server without taking each other's tasks.
 LEAFRESH_REDIS_PREFIX = env.str("LEAFRESH_REDIS_PREFIX", default="leafresh")
 LEAFRESH_METRICS_PREFIX = f"{LEAFRESH_REDIS_PREFIX}:metrics:"
+# Connections a web process's asyncio Redis client may open (more requests wait for one; chatbot.redis_client).
+LEAFRESH_REDIS_MAX_CONNECTIONS = env.int("LEAFRESH_REDIS_MAX_CONNECTIONS", default=64)
 # redis-py 8 defaults to a 5 s socket timeout, the same as channels-redis's 5 s blocking pop: every
 # idle receive would fail. Reads wait longer than the pop; connects stay short.
 _CHANNEL_HOSTS = [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}]
@@ -208,6 +210,10 @@ LEAFRESH_TTFT_TIMEOUT_S = env.float("LEAFRESH_TTFT_TIMEOUT_S", default=60.0)
 LEAFRESH_TOTAL_TIMEOUT_S = env.float("LEAFRESH_TOTAL_TIMEOUT_S", default=180.0)
 # A running answer sends an event every flush interval; this long without one means an event was lost.
 LEAFRESH_STALL_TIMEOUT_S = env.float("LEAFRESH_STALL_TIMEOUT_S", default=30.0)
+# An SSE client that drops its connection may reconnect with Last-Event-ID: its generation goes on
+# this long for it (then it is cancelled), and the stream's events stay in Redis this long to replay.
+LEAFRESH_RESUME_GRACE_S = env.float("LEAFRESH_RESUME_GRACE_S", default=3.0)
+LEAFRESH_REPLAY_TTL_S = env.float("LEAFRESH_REPLAY_TTL_S", default=600.0)
 
 LOGGING = {
     "version": 1,

@@ -289,6 +289,34 @@ def test_a_slow_reader_loses_no_token(stack) -> None:
     assert_deltas_render_answer(stream.text, stream.terminal.data["data"])
 
 
+def test_a_reconnect_with_last_event_id_replays_what_was_missed(stack) -> None:
+    params = {"sessionId": "resume-replay", "message": "텀블러를 쓰고 싶어요"}
+    with httpx.stream("GET", stack.base_url + FREE_TEXT, params=params, timeout=60) as response:
+        received = b""
+        for chunk in response.iter_raw():
+            received += chunk
+            if b"event: challenge" in received:
+                break  # the connection drops after the first delta
+    complete = received[: received.rindex(b"\n\n") + 2]  # whole blocks only (pings and events)
+    first = next(e for e in parse_sse(complete) if e is not None and e.event == "challenge")
+    time.sleep(1.0)  # the answer goes on (and here ends) while the client is away
+    with httpx.stream("GET", stack.base_url + FREE_TEXT, params=params, headers={"Last-Event-ID": str(first.id)}) as again:
+        raw = again.read()
+    resumed = SSEStream(again.status_code, again.headers, raw, parse_sse(raw))
+    assert resumed.status_code == 200
+    assert_one_terminal_last(resumed)
+    assert resumed.events[0].id > first.id and resumed.terminal.event == "close"
+    # Nothing lost, nothing twice: the first delta and the replayed ones make up the whole answer.
+    assert_deltas_render_answer(first.data["data"] + resumed.text, resumed.terminal.data["data"])
+    # After the terminal event there is nothing to resume: 204, and EventSource stops reconnecting.
+    done = httpx.get(stack.base_url + FREE_TEXT, params=params, headers={"Last-Event-ID": str(resumed.terminal.id)})
+    assert done.status_code == 204 and done.content == b""
+    unknown = httpx.get(stack.base_url + FREE_TEXT, params={**params, "sessionId": "never-seen"}, headers={"Last-Event-ID": "3"})
+    assert unknown.status_code == 204
+    bad = httpx.get(stack.base_url + FREE_TEXT, params=params, headers={"Last-Event-ID": "three"})
+    assert bad.status_code == 400 and bad.json()["data"]["invalidFields"] == ["Last-Event-ID"]
+
+
 def test_sse_parser_rejects_malformed_streams() -> None:
     with pytest.raises(AssertionError):
         parse_sse(b"event: challenge\ndata: {}\n\n")

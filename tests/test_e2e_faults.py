@@ -17,7 +17,7 @@ from websockets.sync.client import connect
 
 from chatbot import contract
 from tests.helpers import FREE_TEXT, SSEStream, assert_one_terminal_last, cancelled_in_engine, eventually, parse_sse
-from tests.stack import BIN, ROOT
+from tests.stack import BIN, ROOT, launch_web
 
 
 def _stream_until_first_delta_then(
@@ -96,6 +96,36 @@ def test_sse_client_disconnect_cancels_the_generation(slow_stack) -> None:
                 if b"event: challenge" in received:
                     break  # leave mid-answer: the connection closes here
     assert eventually(lambda: cancelled_in_engine(slow_stack, request_id), 10), "the engine did not cancel the request"
+
+
+def _read_until(response: httpx.Response, count: int) -> bytes:
+    """Read a stream until `count` `challenge` events arrived (then the caller leaves)."""
+    received = b""
+    for chunk in response.iter_raw():
+        received += chunk
+        if received.count(b"event: challenge") >= count:
+            return received
+    raise AssertionError("the stream ended early")
+
+
+def test_a_reconnect_with_last_event_id_continues_a_live_answer_on_another_process(slow_stack) -> None:
+    params = {"sessionId": "resume-live", "message": "일회용품을 줄이고 싶어요"}
+    with httpx.Client(base_url=slow_stack.base_url, timeout=30) as client:
+        with client.stream("GET", FREE_TEXT, params=params) as response:
+            request_id = response.headers["x-request-id"]
+            first = [e for e in parse_sse(_read_until(response, 3)) if e is not None and e.event == "challenge"][:3]
+    seen = first[-1].id
+    with launch_web(slow_stack, "resume", {}) as other:  # any web process may serve the reconnect
+        with httpx.Client(base_url=other, timeout=60) as client:
+            with client.stream("GET", FREE_TEXT, params=params, headers={"Last-Event-ID": str(seen)}) as response:
+                assert response.status_code == 200 and response.headers["x-request-id"] == request_id
+                rest = [e for e in parse_sse(_read_until(response, 20)) if e is not None]
+        assert [e.id for e in rest] == sorted({e.id for e in rest}) and rest[0].id > seen
+        # Live: it kept generating while nobody listened, and went on streaming to the new connection.
+        assert len(rest) >= 20
+        assert not cancelled_in_engine(slow_stack, request_id)
+    # Both clients are gone now: after the grace period the generation is cancelled.
+    assert eventually(lambda: cancelled_in_engine(slow_stack, request_id), 15), "the engine did not cancel the request"
 
 
 def test_websocket_stop_mid_answer_cancels_the_generation(slow_stack) -> None:

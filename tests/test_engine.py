@@ -197,6 +197,41 @@ def test_a_request_delivered_twice_is_answered_once(engine) -> None:
     assert sink.ended == 2
 
 
+def test_an_exception_inside_generation_mid_answer_is_an_error_within_a_second(engine, monkeypatch) -> None:
+    engine_, sink = engine
+    model = engine_._batch.model
+    forward = model.forward
+    broken = threading.Event()
+
+    def flaky_forward(*args, **kwargs):
+        if broken.is_set():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+        return forward(*args, **kwargs)
+
+    token = sink.token
+    failed_at: list[float] = []
+
+    def token_then_break(request, text) -> None:  # runs on the engine thread: the next forward pass fails
+        token(request, text)
+        if not broken.is_set():
+            failed_at.append(time.monotonic())
+            broken.set()
+
+    monkeypatch.setattr(model, "forward", flaky_forward)
+    monkeypatch.setattr(sink, "token", token_then_break)
+    engine_.submit(base_info_request("boom", "VEGAN", temperature=0.0, max_new_tokens=100_000))
+    sink.wait(1, timeout=30)
+    took = time.monotonic() - failed_at[0]
+    kind, _, payload = sink.of("boom")[-1]
+    assert kind == "error" and payload["status"] == 500 and payload["reason"] is FinishReason.ERROR
+    assert took < 1.0, f"the error came {took:.2f} s after the failure"
+    monkeypatch.setattr(sink, "token", token)
+    broken.clear()  # the engine survives: the next request is answered
+    engine_.submit(base_info_request("after-boom", "VEGAN", temperature=0.0))
+    sink.wait(2)
+    assert sink.of("after-boom")[-1][0] == "done"
+
+
 def test_cancel_stops_a_request_and_publishes_nothing_more(engine) -> None:
     engine_, sink = engine
     engine_.cancel("early")  # a cancel that arrives before its request
