@@ -1,8 +1,9 @@
 """`make soak`: many concurrent streams for a long while against one daphne and one GPU worker, on
 loopback, to show that nothing hangs, nothing leaks and every stream ends.
 
-Each of `--clients` clients (half SSE, half WebSocket, each with its own chat session) sends free-text
-requests one after another until `--duration-s` is over or `--max-requests` were sent; a
+Each of `--clients` clients (half SSE, half WebSocket, each with its own chat session; a WebSocket
+client keeps its socket across requests, as the widget does) sends free-text requests one after
+another until `--duration-s` is over or `--max-requests` were sent; a
 `--disconnect-share` of the requests is abandoned right after its first text (the client closes the
 connection, which must cancel the generation). Every request ends as one of:
 - completed: the answer's terminal `close` / `chat.done`;
@@ -11,7 +12,8 @@ connection, which must cancel the generation). Every request ends as one of:
 - cancelled: the client went away on purpose.
 
 Reported: the counts, time to first text p50/p95 (request sent -> first `challenge` / `chat.token`),
-and the web and worker processes' resident memory and open files after a warm-up and at the end.
+and the web and worker processes' resident memory and open files idle before the load, under load
+after the warm-up, and idle again at the end.
 Writes bench/results/soak.json (and prints the same figures). Bounded: it stops at the duration or
 the request count, whichever comes first.
 """
@@ -111,49 +113,72 @@ async def _sse_request(client: httpx.AsyncClient, plan: Plan, session: str, tall
                 tally.completed += 1
                 return
             elif event == "error":
-                tally.fail(f"error {data.get('status')}")
+                tally.fail(f"error {data.get('status')}: {data.get('message')}")
                 return
     tally.fail("stream ended without a terminal event")
 
 
-async def _ws_request(plan: Plan, session: str, tally: Tally, abandon: bool) -> None:
-    started = time.monotonic()
-    seen_text = False
-    async with websockets.connect(f"{plan.ws_url}/ws/chat/{session}/", origin=plan.origin, open_timeout=30) as socket:
-        await socket.send(json.dumps({"type": "chat.message", "message": random.choice(MESSAGES)}))
-        async for raw in socket:
-            frame = json.loads(raw)
-            kind = frame.get("type")
-            if kind == "chat.token":
-                if not seen_text:
-                    seen_text = True
-                    tally.first_text_s.append(time.monotonic() - started)
-                if abandon:
-                    tally.cancelled += 1
-                    return  # leaving the block closes the socket
-            elif kind == "chat.done":
-                tally.completed += 1
-                return
-            elif kind == "chat.error":
-                tally.fail(f"chat.error {frame.get('status')}")
-                return
-    tally.fail("socket closed without a terminal frame")
+class WidgetSocket:
+    """A WebSocket client as the widget keeps one: one socket for its requests, a new one after it
+    abandoned an answer (closing the socket is how it leaves)."""
+
+    def __init__(self, plan: Plan, session: str) -> None:
+        self.url = f"{plan.ws_url}/ws/chat/{session}/"
+        self.origin = plan.origin
+        self.socket: Any = None
+
+    async def request(self, tally: Tally, abandon: bool) -> None:
+        if self.socket is None:
+            self.socket = await websockets.connect(self.url, origin=self.origin, open_timeout=30)
+        started = time.monotonic()
+        seen_text = False
+        try:
+            await self.socket.send(json.dumps({"type": "chat.message", "message": random.choice(MESSAGES)}))
+            async for raw in self.socket:
+                frame = json.loads(raw)
+                kind = frame.get("type")
+                if kind == "chat.token":
+                    if not seen_text:
+                        seen_text = True
+                        tally.first_text_s.append(time.monotonic() - started)
+                    if abandon:
+                        tally.cancelled += 1
+                        await self.close()
+                        return
+                elif kind == "chat.done":
+                    tally.completed += 1
+                    return
+                elif kind == "chat.error":
+                    tally.fail(f"chat.error {frame.get('status')}: {frame.get('message')}")
+                    return
+        except BaseException:
+            await self.close()
+            raise
+        await self.close()
+        tally.fail("socket closed without a terminal frame")
+
+    async def close(self) -> None:
+        if self.socket is not None:
+            socket, self.socket = self.socket, None
+            await socket.close()
 
 
 async def _client(index: int, plan: Plan, budget: Budget, tally: Tally, http: httpx.AsyncClient) -> None:
     session = f"soak-{index}"
-    sse = index % 2 == 0
+    widget = None if index % 2 == 0 else WidgetSocket(plan, session)
     await asyncio.sleep(random.uniform(0, 5))  # staggered arrivals
     while time.monotonic() < plan.deadline and budget.take():
         abandon = random.random() < plan.disconnect_share
         try:
-            request = _sse_request(http, plan, session, tally, abandon) if sse else _ws_request(plan, session, tally, abandon)
+            request = _sse_request(http, plan, session, tally, abandon) if widget is None else widget.request(tally, abandon)
             await asyncio.wait_for(request, timeout=plan.request_timeout_s)
         except TimeoutError:
             tally.hung += 1
             tally.fail("no end within the request timeout")
         except Exception as exc:  # noqa: BLE001 - every transport failure is counted, the client goes on
             tally.fail(type(exc).__name__)
+    if widget is not None:
+        await widget.close()
 
 
 def _process_figures(pid: int) -> dict[str, float]:
@@ -178,6 +203,7 @@ async def _run(plan: Plan, clients: int, warmup_s: float, web_pid: int, worker_p
     tally = Tally()
     budget = Budget(plan.max_requests)
     limits = httpx.Limits(max_connections=clients * 2, max_keepalive_connections=clients)
+    idle = {"web": _process_figures(web_pid), "worker": _process_figures(worker_pid)}
     async with httpx.AsyncClient(timeout=httpx.Timeout(plan.request_timeout_s, connect=30), limits=limits) as http:
         tasks = [asyncio.create_task(_client(i, plan, budget, tally, http)) for i in range(clients)]
         await asyncio.sleep(warmup_s)
@@ -192,7 +218,7 @@ async def _run(plan: Plan, clients: int, warmup_s: float, web_pid: int, worker_p
                 flush=True,
             )
         await asyncio.gather(*tasks)
-    await asyncio.sleep(3)  # let cancelled generations wind down before the last reading
+    await asyncio.sleep(10)  # let abandoned generations and closing connections wind down before the last reading
     end = {"web": _process_figures(web_pid), "worker": _process_figures(worker_pid)}
     return {
         "completed": tally.completed,
@@ -202,8 +228,9 @@ async def _run(plan: Plan, clients: int, warmup_s: float, web_pid: int, worker_p
         "failures": tally.failures,
         "first_text_ms_p50": _percentile_ms(tally.first_text_s, 50),
         "first_text_ms_p95": _percentile_ms(tally.first_text_s, 95),
+        "processes_idle_before": idle,
         "processes_after_warmup": start,
-        "processes_at_end": end,
+        "processes_idle_at_end": end,
     }
 
 

@@ -5,8 +5,9 @@ client -> server: `chat.base_info` {location, workType, category}, `chat.message
 {data}, `chat.error` {status, message[, invalidFields]}. One request in flight per socket: a second
 one gets `chat.error` 409. `chat.stop` cancels generation and answers `chat.error` 499. Bad JSON
 or an unknown type gets `chat.error` 400 and the socket stays open. A widget session (`web-…`)
-may be joined only from the browser whose Django session holds it: otherwise `chat.error` 403 and
-close code 4403.
+may be joined only from the browser whose Django session holds it; any other session id only with
+an API key (`Authorization: Bearer`, chatbot.auth) once keys are configured. Otherwise `chat.error`
+403 and close code 4403.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
 
 from chatbot import contract
+from chatbot.auth import api_key_valid
 from chatbot.contract import ContractError
-from chatbot.conversation import widget_session_allowed
+from chatbot.conversation import WIDGET_SESSION_PREFIX, widget_session_allowed
 from chatbot.ratelimit import RateLimited, rate_limit_check
 from chatbot.services import Recommendation, prepare_failure, recommendation_cancel, recommendation_prepare
 from chatbot.streaming import Ping, answer_events
@@ -32,6 +35,10 @@ logger = logging.getLogger(__name__)
 MAX_FRAME_CHARS = 8 * 1024
 STATUS_STOPPED = 499  # "client closed request", as nginx names it
 STOP_WAIT_S = 2.0  # how long `chat.stop` waits for the relay to wind down before answering 499
+
+
+class ClientGone(Exception):
+    """A frame could not be sent: the client has closed the socket."""
 
 
 @dataclass
@@ -56,10 +63,19 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self._error(400, f"{contract.MESSAGE_INVALID} 확인할 항목: sessionId", invalid_fields=["sessionId"])
             self.refused = True
             await self.close(code=4400)
-        elif not await database_sync_to_async(widget_session_allowed)(self.scope.get("session"), self.session_id):
+        elif not await self._session_allowed():
             await self._error(403, contract.MESSAGE_NOT_YOUR_SESSION)
             self.refused = True
             await self.close(code=4403)
+
+    async def _session_allowed(self) -> bool:
+        """A `web-…` session: only from its browser (Django session). Another id: anyone while no
+        API key is configured (development), else only a holder of one."""
+        if self.session_id.startswith(WIDGET_SESSION_PREFIX) or not settings.LEAFRESH_API_KEYS:
+            return await database_sync_to_async(widget_session_allowed)(self.scope.get("session"), self.session_id)
+        headers = dict(self.scope.get("headers") or [])
+        header = headers.get(b"authorization", b"").decode("latin-1")
+        return api_key_valid(header, settings.LEAFRESH_API_KEYS)
 
     async def disconnect(self, code: int) -> None:
         active = self.active
@@ -141,11 +157,17 @@ class ChatConsumer(AsyncWebsocketConsumer):
                         await self._error(int(item["status"]), item["message"])
         except asyncio.CancelledError:
             raise
+        except ClientGone:  # the socket closed under us: disconnect() cancels the generation
+            logger.info("request %s: the socket closed while its answer was being sent", generation.request_id)
+            active.done = True
         except Exception:  # end with one error frame, never a silent stall
             logger.exception("relay failed for request %s", generation.request_id)
             if not active.done:
                 active.done = True
-                await self._error(500, contract.MESSAGE_INTERNAL)
+                try:
+                    await self._error(500, contract.MESSAGE_INTERNAL)
+                except ClientGone:
+                    pass
 
     async def _stop(self) -> None:
         active = self.active
@@ -160,7 +182,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self._error(STATUS_STOPPED, contract.MESSAGE_STOPPED)
 
     async def _send(self, payload: dict[str, Any]) -> None:
-        await self.send(text_data=json.dumps(payload, ensure_ascii=False))
+        """Send one JSON frame. Raises ClientGone when the socket can no longer take it."""
+        try:
+            await self.send(text_data=json.dumps(payload, ensure_ascii=False))
+        except Exception as exc:  # the server refuses to send on a closed socket (autobahn's Disconnected)
+            raise ClientGone(str(exc)) from exc
 
     async def _error(self, status: int, message: str, *, invalid_fields: list[str] | None = None) -> None:
         payload: dict[str, Any] = {"type": "chat.error", "status": status, "message": message}

@@ -52,6 +52,9 @@ MESSAGE_TOO_LONG = "메시지와 대화가 너무 길어 답할 수 없습니다
 # The least room an answer needs in the context window (an answer is about 80-250 tokens); with less,
 # the request is refused, with more but under max_new_tokens the budget shrinks to the room left.
 MIN_ANSWER_TOKENS = 128
+# The room kept for the answer (or max_new_tokens, if smaller) before history turns give way: a
+# short context window (the demo model's 1,024) drops the oldest turns rather than cut answers off.
+ANSWER_RESERVE_TOKENS = 320
 
 
 class PromptTooLongError(GenerationError):
@@ -313,17 +316,21 @@ class Engine:
         self._announce_positions()  # everyone still waiting moved up
 
     def _new_sequence(self, request: GenerationRequest, now: float) -> _Sequence:
-        """The request's row: history window, chat template, tokens, grammar matcher, and its budget
-        (max_new_tokens, cut to the room the context window leaves). Raises PromptTooLongError when
-        that room is under MIN_ANSWER_TOKENS."""
+        """The request's row: history window, chat template, tokens, grammar matcher, and its budget.
+
+        Where the prompt would leave the answer less than ANSWER_RESERVE_TOKENS (or max_new_tokens,
+        if smaller) of the context window, the oldest history turns give way first; then the budget
+        is cut to the room left. Raises PromptTooLongError when that room is under MIN_ANSWER_TOKENS.
+        """
         tokenizer = self.loaded.tokenizer
         history = history_window(request.history, budget=request.history_budget_tokens, count=self._count_tokens)
-        split = 1 if request.messages and request.messages[0].get("role") == "system" else 0
-        messages = [*request.messages[:split], *history.messages, *request.messages[split:]]
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = self._prompt_ids(request, history)
         budget = request.sampling.max_new_tokens
         if self.context_tokens is not None:
+            over = len(prompt_ids) + min(budget, ANSWER_RESERVE_TOKENS) - self.context_tokens
+            if over > 0 and history.turns:
+                history = history_window(request.history, budget=max(0, history.tokens - over), count=self._count_tokens)
+                prompt_ids = self._prompt_ids(request, history)
             room = self.context_tokens - len(prompt_ids)
             if room < MIN_ANSWER_TOKENS:
                 raise PromptTooLongError(f"{len(prompt_ids)} prompt tokens leave {room} of {self.context_tokens} positions")
@@ -342,6 +349,13 @@ class Engine:
             budget=budget,
             history=history,
         )
+
+    def _prompt_ids(self, request: GenerationRequest, history: HistoryWindow) -> list[int]:
+        """The prompt's token ids: the system message, the kept history, then the request's messages."""
+        split = 1 if request.messages and request.messages[0].get("role") == "system" else 0
+        messages = [*request.messages[:split], *history.messages, *request.messages[split:]]
+        prompt = self.loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def _decode_step(self) -> None:
         """Sample one token for every row (each with its own grammar and sampling), then one forward pass."""

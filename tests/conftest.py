@@ -7,13 +7,24 @@ by their own Redis key prefix, SQLite file and port.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from tests.stack import ROOT, Stack, launch_stack
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Remove the folders that earlier runs' stacks left under var/test (`<tag>-<pid>`, logs,
+    databases and index copies) when their run is over, so repeated runs do not fill the disk."""
+    for path in (ROOT / "var" / "test").glob("*-*"):
+        pid = path.name.rpartition("-")[2]
+        if path.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -164,3 +164,17 @@ def eventually(predicate, timeout: float, interval: float = 0.1) -> bool:
 def cancelled_in_engine(stack, request_id: str) -> bool:
     """The stack's GPU worker logged this request as cancelled."""
     return f"request {request_id} finished: cancelled" in (stack.log_dir / "worker.log").read_text(errors="replace")
+
+
+def widget_data(html: str) -> dict[str, Any]:
+    """The JSON the widget's page embeds (`json_script` "widget-data"): sessionId, categories, turns."""
+    opening = '<script id="widget-data" type="application/json">'
+    start = html.index(opening) + len(opening)
+    return json.loads(html[start : html.index("</script>", start)])
+
+
+def widget_browser(base_url: str) -> tuple[str, dict[str, str]]:
+    """A browser's first visit to the widget: its chat session id and the cookie header that binds it."""
+    browser = httpx.Client(base_url=base_url, timeout=10)
+    session_id = widget_data(browser.get("/").text)["sessionId"]
+    return session_id, {"Cookie": f"sessionid={browser.cookies['sessionid']}"}

@@ -117,7 +117,9 @@ def _start_worker(tag: str, env: dict[str, str], log_dir: Path) -> subprocess.Po
 
 
 def _start_web(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return _start([str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "leafresh.asgi:application"], env, log)
+    # As the Procfile: a WebSocket handshake may take longer than daphne's default 5 s under load.
+    command = [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "--websocket_connect_timeout", "30"]
+    return _start([*command, "leafresh.asgi:application"], env, log)
 
 
 def _web_up(base_url: str) -> bool:

@@ -22,6 +22,7 @@ from tests.helpers import (
     assert_valid_answer,
     get_sse,
     parse_sse,
+    widget_browser,
     ws_exchange,
 )
 
@@ -256,17 +257,13 @@ def test_websocket_rejects_a_foreign_origin(stack) -> None:
 
 def test_a_widget_session_is_joined_only_from_the_browser_it_belongs_to(stack) -> None:
     """A `web-…` chat session is bound to the Django session of the browser that was given it."""
-    browser = httpx.Client(base_url=stack.base_url, timeout=10)
-    html = browser.get("/").text
-    session_id = json.loads(html.split('<script id="widget-data" type="application/json">')[1].split("</script>")[0])["sessionId"]
-    cookie = f"sessionid={browser.cookies['sessionid']}"
+    session_id, headers = widget_browser(stack.base_url)
     with connect(f"{stack.ws_url}/ws/chat/{session_id}/", origin=stack.origin, open_timeout=10) as stranger:
         refused = json.loads(stranger.recv(timeout=10))
         assert (refused["type"], refused["status"]) == ("chat.error", 403)
         with pytest.raises(ConnectionClosed) as closed:
             stranger.recv(timeout=10)
         assert closed.value.rcvd.code == 4403
-    headers = {"Cookie": cookie}
     with connect(f"{stack.ws_url}/ws/chat/{session_id}/", origin=stack.origin, additional_headers=headers) as own:
         own.send(json.dumps({"type": "chat.message", "message": "텀블러를 쓰고 싶어요"}))
         frames = [json.loads(own.recv(timeout=60))]

@@ -85,6 +85,30 @@ def test_lost_events_end_the_stream_with_one_clear_error_never_a_silently_cut_te
     assert eventually(lambda: cancelled_in_engine(slow_stack, request_id), 10), "the engine did not cancel the request"
 
 
+def test_a_duplicate_event_mid_answer_is_dropped_and_the_answer_goes_on(slow_stack) -> None:
+    params = {"sessionId": "inject-dup", "message": "자전거를 타고 싶어요"}
+    with httpx.Client(base_url=slow_stack.base_url, timeout=60) as client:
+        with client.stream("GET", FREE_TEXT, params=params) as response:
+            request_id = response.headers["X-Request-ID"]
+            chunks = response.iter_raw()
+            received = b""
+            injected = False
+            for chunk in chunks:
+                received += chunk
+                if not injected and received.count(b"event: challenge") >= 2:
+                    # Event 2 (the first delta) delivered again, with other text: the listener must drop it.
+                    event = {"type": "chat.token", "request_id": request_id, "seq": 2, "text": "DUPLICATE"}
+                    _inject(slow_stack, "inject-dup", event)
+                    injected = True
+                if received.count(b"event: challenge") >= 12:
+                    break
+    events = [e for e in parse_sse(received[: received.rindex(b"\n\n") + 2]) if e is not None]
+    assert all(e.event == "challenge" for e in events), [e.event for e in events]
+    assert "DUPLICATE" not in "".join(e.data["data"] for e in events)
+    ids = [e.id for e in events]
+    assert ids == sorted(set(ids)), ids
+
+
 def test_sse_client_disconnect_cancels_the_generation(slow_stack) -> None:
     with httpx.Client(base_url=slow_stack.base_url, timeout=30) as client:
         with client.stream("GET", FREE_TEXT, params={"sessionId": "gone", "message": "일회용품을 줄이고 싶어요"}) as response:

@@ -14,7 +14,7 @@ import xgrammar as xgr
 from chatbot import seed
 from chatbot.prompts import build_messages
 from inference.answer import answer_schema
-from inference.engine import Engine
+from inference.engine import ANSWER_RESERVE_TOKENS, Engine
 from inference.render import render_answer
 from inference.sampling import GenerationError, RowSampling, sample_batch, sample_token
 from inference.types import FinishReason, GenerationRequest, SamplingParams
@@ -230,6 +230,23 @@ def test_an_exception_inside_generation_mid_answer_is_an_error_within_a_second(e
     engine_.submit(base_info_request("after-boom", "VEGAN", temperature=0.0))
     sink.wait(2)
     assert sink.of("after-boom")[-1][0] == "done"
+
+
+def test_history_gives_way_before_the_answer_when_the_context_window_is_short(engine) -> None:
+    engine_, sink = engine
+    turns = []
+    for n in range(40):
+        turns += [{"role": "user", "content": f"{n}번째 질문: 텀블러와 장바구니를 쓰는 방법을 자세히 알려 주세요."}]
+        turns += [{"role": "assistant", "content": f"{n}번째 답: 텀블러를 챙기고 장바구니를 들고 다니세요. " * 4}]
+    request = base_info_request("long-history", "VEGAN", temperature=0.0, max_new_tokens=512)
+    request = GenerationRequest(**{**request.__dict__, "history": turns, "history_budget_tokens": 100_000})
+    engine_.submit(request)
+    sink.wait(1)
+    kind, _, payload = sink.of("long-history")[-1]
+    assert kind == "done", payload  # older turns gave way, so the answer had its room
+    usage = payload["usage"]
+    assert 0 < usage["history_turns"] < 40
+    assert usage["prompt_tokens"] + ANSWER_RESERVE_TOKENS <= engine_.context_tokens
 
 
 def test_cancel_stops_a_request_and_publishes_nothing_more(engine) -> None:

@@ -15,7 +15,7 @@ import pytest
 from websockets.sync.client import connect
 
 from chatbot.auth import api_key_valid
-from tests.helpers import BASE_INFO, FREE_TEXT, get_sse
+from tests.helpers import BASE_INFO, FREE_TEXT, get_sse, widget_browser
 from tests.stack import BIN, ROOT, launch_stack, launch_web
 
 OFF_TOPIC = {"message": "비트코인 시세 알려줘"}  # a preset polite answer: no generation needed
@@ -71,9 +71,20 @@ def test_api_routes_need_one_of_the_keys_and_the_widget_does_not(stack) -> None:
         stream = get_sse(keyed, BASE_INFO, {"sessionId": "auth-2", "location": "도시", "workType": "사무직", "category": "비건"})
         assert stream.terminal.event == "close"
         assert client.get("/").status_code == 200 and client.get("/healthz").status_code == 200
-        with connect(f"ws{base_url[4:]}/ws/chat/auth-ws/", origin=base_url, open_timeout=10) as socket:
+        # A socket may use an arbitrary session id only with a key; the widget's own session needs none.
+        ws_url = f"ws{base_url[4:]}/ws/chat"
+        with connect(f"{ws_url}/auth-ws/", origin=base_url, open_timeout=10) as stranger:
+            refused = json.loads(stranger.recv(timeout=10))
+        assert (refused["type"], refused["status"]) == ("chat.error", 403)
+        bearer = {"Authorization": "Bearer key-two"}
+        with connect(f"{ws_url}/auth-ws/", origin=base_url, open_timeout=10, additional_headers=bearer) as socket:
             socket.send(json.dumps({"type": "chat.message", **OFF_TOPIC}))
             frames = [json.loads(socket.recv(timeout=30)) for _ in range(2)]
+        assert frames[-1]["type"] == "chat.done"
+        session_id, cookie = widget_browser(base_url)
+        with connect(f"{ws_url}/{session_id}/", origin=base_url, open_timeout=10, additional_headers=cookie) as widget:
+            widget.send(json.dumps({"type": "chat.message", **OFF_TOPIC}))
+            frames = [json.loads(widget.recv(timeout=30)) for _ in range(2)]
         assert frames[-1]["type"] == "chat.done"
     log = (stack.log_dir / "web-keys.log").read_text(errors="replace")
     assert "require one of 2 API keys" in log
@@ -141,14 +152,15 @@ def test_secrets_never_reach_logs_task_messages_or_responses(demo_model_dir) -> 
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        keyed = httpx.Client(
-            base_url=stack.base_url, timeout=60, headers={"Authorization": f"Bearer {CANARIES['LEAFRESH_API_KEYS']}"}
-        )
+        bearer = {"Authorization": f"Bearer {CANARIES['LEAFRESH_API_KEYS']}"}
+        keyed = httpx.Client(base_url=stack.base_url, timeout=60, headers=bearer)
         bodies = [get_sse(keyed, FREE_TEXT, {"sessionId": "canary-1", "message": "텀블러를 쓰고 싶어요"}).raw.decode()]
         bodies.append(keyed.get(FREE_TEXT, params={"sessionId": "canary-1"}).text)  # 400
         bodies.append(keyed.get("/ai/chatbot/sessions/canary-1/messages").text)
         bodies.append(httpx.get(stack.base_url + FREE_TEXT, headers={"Authorization": "Bearer canary-api-key-91ag"}).text)
-        with connect(f"{stack.ws_url}/ws/chat/canary-ws/", origin=stack.origin, open_timeout=10) as socket:
+        with connect(
+            f"{stack.ws_url}/ws/chat/canary-ws/", origin=stack.origin, open_timeout=10, additional_headers=bearer
+        ) as socket:
             socket.send(json.dumps({"type": "chat.message", "message": "텀블러를 쓰고 싶어요"}))
             while (frame := json.loads(socket.recv(timeout=60)))["type"] not in ("chat.done", "chat.error"):
                 bodies.append(json.dumps(frame, ensure_ascii=False))

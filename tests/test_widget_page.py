@@ -16,6 +16,7 @@ from chatbot.conversation import TurnDraft, TurnOutcome, turn_record
 from chatbot.models import Category, PromptTemplate
 from chatbot.seed import LOCATIONS, WORK_TYPES
 from chatbot.trial import trial_permitted
+from tests.helpers import widget_data as page_widget_data
 
 pytestmark = pytest.mark.django_db
 
@@ -24,10 +25,7 @@ def widget_data(client: Client) -> dict:
     response = client.get("/")
     assert response.status_code == 200
     assert "no-cache" in response["Cache-Control"]  # the history must not come from a cache
-    html = response.content.decode()
-    opening = '<script id="widget-data" type="application/json">'
-    start = html.index(opening) + len(opening)
-    return json.loads(html[start : html.index("</script>", start)])
+    return page_widget_data(response.content.decode())
 
 
 def test_each_browser_gets_its_own_chat_session_kept_in_its_django_session() -> None:
