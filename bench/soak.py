@@ -28,6 +28,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,29 +94,42 @@ class Budget:
         return True
 
 
+async def _follow(events: AsyncIterator[tuple[str, str]], tally: Tally, started: float, abandon: bool) -> bool:
+    """Count one request from its events, `("text" | "done" | "error", detail)`. Returns True when
+    the client abandons it after its first text (the caller then closes the connection)."""
+    seen_text = False
+    async for kind, detail in events:
+        if kind == "text":
+            if not seen_text:
+                seen_text = True
+                tally.first_text_s.append(time.monotonic() - started)
+            if abandon:
+                tally.cancelled += 1
+                return True
+        elif kind == "done":
+            tally.completed += 1
+            return False
+        elif kind == "error":
+            tally.fail(detail)
+            return False
+    tally.fail("the stream ended without a terminal event")
+    return False
+
+
 async def _sse_request(client: httpx.AsyncClient, plan: Plan, session: str, tally: Tally, abandon: bool) -> None:
     started = time.monotonic()
-    seen_text = False
     params = {"sessionId": session, "message": random.choice(MESSAGES)}
     async with client.stream("GET", plan.base_url + FREE_TEXT, params=params) as response:
         if response.status_code != 200:
             tally.fail(f"HTTP {response.status_code}")
             return
-        async for event, data in aiter_events(response):
-            if event == "challenge":
-                if not seen_text:
-                    seen_text = True
-                    tally.first_text_s.append(time.monotonic() - started)
-                if abandon:
-                    tally.cancelled += 1
-                    return  # leaving the block closes the connection
-            elif event == "close":
-                tally.completed += 1
-                return
-            elif event == "error":
-                tally.fail(f"error {data.get('status')}: {data.get('message')}")
-                return
-    tally.fail("stream ended without a terminal event")
+
+        async def events() -> AsyncIterator[tuple[str, str]]:
+            kinds = {"challenge": "text", "close": "done", "error": "error"}
+            async for event, data in aiter_events(response):
+                yield kinds.get(event, ""), f"error {data.get('status')}: {data.get('message')}"
+
+        await _follow(events(), tally, started, abandon)  # leaving the block closes the connection
 
 
 class WidgetSocket:
@@ -131,31 +145,22 @@ class WidgetSocket:
         if self.socket is None:
             self.socket = await websockets.connect(self.url, origin=self.origin, open_timeout=30)
         started = time.monotonic()
-        seen_text = False
-        try:
-            await self.socket.send(json.dumps({"type": "chat.message", "message": random.choice(MESSAGES)}))
-            async for raw in self.socket:
+        socket = self.socket
+
+        async def events() -> AsyncIterator[tuple[str, str]]:
+            kinds = {"chat.token": "text", "chat.done": "done", "chat.error": "error"}
+            async for raw in socket:
                 frame = json.loads(raw)
-                kind = frame.get("type")
-                if kind == "chat.token":
-                    if not seen_text:
-                        seen_text = True
-                        tally.first_text_s.append(time.monotonic() - started)
-                    if abandon:
-                        tally.cancelled += 1
-                        await self.close()
-                        return
-                elif kind == "chat.done":
-                    tally.completed += 1
-                    return
-                elif kind == "chat.error":
-                    tally.fail(f"chat.error {frame.get('status')}: {frame.get('message')}")
-                    return
+                yield kinds.get(frame.get("type"), ""), f"chat.error {frame.get('status')}: {frame.get('message')}"
+            self.socket = None  # the server closed it: the next request opens another
+
+        try:
+            await socket.send(json.dumps({"type": "chat.message", "message": random.choice(MESSAGES)}))
+            if await _follow(events(), tally, started, abandon):
+                await self.close()
         except BaseException:
             await self.close()
             raise
-        await self.close()
-        tally.fail("socket closed without a terminal frame")
 
     async def close(self) -> None:
         if self.socket is not None:
@@ -181,13 +186,20 @@ async def _client(index: int, plan: Plan, budget: Budget, tally: Tally, http: ht
         await widget.close()
 
 
-def _process_figures(pid: int) -> dict[str, float]:
-    """Resident memory (MiB) and open files of a process and its children."""
+def _process_figures(pid: int, redis_port: int = 6379) -> dict[str, Any]:
+    """Resident memory (MiB) and open files of a process and its children, and its TCP connections
+    by peer (Redis or a client) and state."""
     process = psutil.Process(pid)
     processes = [process, *process.children(recursive=True)]
     rss = sum(p.memory_info().rss for p in processes if p.is_running())
     files = sum(p.num_fds() for p in processes if p.is_running())
-    return {"rss_mib": round(rss / 2**20, 1), "open_files": files}
+    sockets: dict[str, int] = {}
+    for p in processes:
+        for connection in p.net_connections(kind="tcp"):
+            peer = "redis" if connection.raddr and connection.raddr.port == redis_port else "client"
+            key = f"{peer} {connection.status}"
+            sockets[key] = sockets.get(key, 0) + 1
+    return {"rss_mib": round(rss / 2**20, 1), "open_files": files, "tcp": dict(sorted(sockets.items()))}
 
 
 def _percentile_ms(values: list[float], q: int) -> float | None:

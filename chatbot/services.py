@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from django.conf import settings
 
 from chatbot import contract
@@ -253,14 +254,18 @@ async def recommendation_prepare(
     if prompt is not None and prompt.mode != mode:
         raise ValueError(f"prompt {prompt.pk} is for mode {prompt.mode}, not {mode}")
     if mode == "base_info":
-        built = await sync_to_async(recommendation_build_base_info)(checked=contract.check_base_info(params), prompt=prompt)
+        built = await database_sync_to_async(recommendation_build_base_info)(
+            checked=contract.check_base_info(params), prompt=prompt
+        )
     else:
-        plan = await sync_to_async(recommendation_plan_free_text)(checked=contract.check_free_text(params), prompt=prompt)
+        plan = await database_sync_to_async(recommendation_plan_free_text)(
+            checked=contract.check_free_text(params), prompt=prompt
+        )
         if isinstance(plan, Recommendation):
             return plan
         k = settings.LEAFRESH_RETRIEVAL_K
         passages = await sync_to_async(knowledge_search, thread_sensitive=False)(plan.query, k=k) if k > 0 else []
-        built = await sync_to_async(recommendation_build_free_text)(plan=plan, passages=passages)
+        built = await database_sync_to_async(recommendation_build_free_text)(plan=plan, passages=passages)
     if challenge_cards and isinstance(built.item, GenerationRequest):
         built = dataclasses.replace(built, item=dataclasses.replace(built.item, challenge_cards=True))
     return built

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels_redis.pubsub import RedisPubSubChannelLayer
 from django.conf import settings
@@ -265,7 +266,7 @@ async def answer_events(recommendation: Recommendation) -> AsyncIterator[dict[st
             model=str(event.get("model") or "") if event else "",
         )
         write = asyncio.ensure_future(
-            sync_to_async(turn_record)(draft=recommendation.turn, request_id=item.request_id, outcome=outcome)
+            database_sync_to_async(turn_record)(draft=recommendation.turn, request_id=item.request_id, outcome=outcome)
         )
         try:
             # Bounded: a locked database must not hold the terminal event back; the write goes on.
