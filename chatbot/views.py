@@ -16,7 +16,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.db import database_sync_to_async
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse, StreamingHttpResponse
 from django.shortcuts import render
@@ -284,12 +284,12 @@ async def session_messages(request: HttpRequest, session_id: str) -> HttpRespons
         message = f"{contract.MESSAGE_INVALID} 확인할 항목: sessionId"
         return _json(contract.envelope(400, message, {"invalidFields": ["sessionId"]}), status=400)
     if request.method == "GET":
-        transcript = await database_sync_to_async(session_transcript)(session_id=session_id)
+        transcript = await sync_to_async(session_transcript)(session_id=session_id)
         if transcript is None:
             return _json(contract.envelope(404, contract.MESSAGE_NO_SESSION, None), status=404)
         return _json(contract.envelope(200, contract.MESSAGE_SESSION, transcript))
     if request.method == "DELETE":
-        if not await database_sync_to_async(session_clear)(session_id=session_id):
+        if not await sync_to_async(session_clear)(session_id=session_id):
             return _json(contract.envelope(404, contract.MESSAGE_NO_SESSION, None), status=404)
         return HttpResponse(status=204)
     message = "GET 또는 DELETE만 지원합니다."
@@ -336,7 +336,7 @@ async def prompt_trial_stream(request: HttpRequest, prompt_id: int) -> HttpRespo
     """
     user = await request.auser()
     foreign = request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none")
-    if foreign or not await database_sync_to_async(trial_permitted)(user):
+    if foreign or not await sync_to_async(trial_permitted)(user):
         return _sse_response(_sse_error(403, "이 프롬프트를 시험할 권한이 없습니다. 관리자로 다시 로그인해 주세요."))
     prompt = await PromptTemplate.objects.filter(pk=prompt_id).afirst()
     if prompt is None:
