@@ -20,11 +20,11 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 
+from chatbot.auth import trial_permitted
 from chatbot.models import Category, ChatSession, GenerationSettings, KnowledgeDocument, ModerationTerm, PromptTemplate, Turn
 from chatbot.prompt_versions import prompt_activate, prompt_check, prompt_diff, prompt_save_version
 from chatbot.seed import LOCATIONS, WORK_TYPES
 from chatbot.selectors import category_list_active
-from chatbot.trial import trial_permitted
 
 
 @admin.register(Category)

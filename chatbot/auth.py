@@ -1,11 +1,12 @@
-"""API keys for the service-to-service routes (`/ai/`, and `/v1/` later): `Authorization: Bearer <key>`.
+"""Who may do what: API keys for the service-to-service routes (`/ai/`, and `/v1/` later): `Authorization: Bearer <key>`.
 
 The keys are LEAFRESH_API_KEYS (several, so a key can be rotated: add the new one, move the
 callers, drop the old one). A presented key is compared with every configured key in constant time
 (`hmac.compare_digest`), so neither the match nor its position leaks through timing. With no key
 configured the routes are open: allowed only while DEBUG is on (development), and said at start-up
 (`api_keys_startup_check`). The widget's page, its WebSocket and the admin are not under these
-prefixes: the widget is bound to the browser's Django session, the admin to its login.
+prefixes: the widget is bound to the browser's Django session, the admin to its login (and the
+admin's "try it" to `trial_permitted`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
@@ -88,3 +90,11 @@ class ApiKeyMiddleware:
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
         return self._refusal(request) or await self.get_response(request)
+
+
+def trial_permitted(user: Any) -> bool:
+    """Whether `user` may try prompts: active staff who may view or change prompt templates (the
+    admin's own rule for seeing them). Reads permissions (blocking)."""
+    if not (user.is_active and user.is_staff):
+        return False
+    return user.has_perm("chatbot.view_prompttemplate") or user.has_perm("chatbot.change_prompttemplate")

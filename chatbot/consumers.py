@@ -71,8 +71,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def _session_allowed(self) -> bool:
         """A `web-…` session: only from its browser (Django session). Another id: anyone while no
         API key is configured (development), else only a holder of one."""
-        if self.session_id.startswith(WIDGET_SESSION_PREFIX) or not settings.LEAFRESH_API_KEYS:
+        if self.session_id.startswith(WIDGET_SESSION_PREFIX):
             return await database_sync_to_async(widget_session_allowed)(self.scope.get("session"), self.session_id)
+        if not settings.LEAFRESH_API_KEYS:
+            return True
         headers = dict(self.scope.get("headers") or [])
         header = headers.get(b"authorization", b"").decode("latin-1")
         return api_key_valid(header, settings.LEAFRESH_API_KEYS)

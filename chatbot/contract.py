@@ -103,6 +103,11 @@ def _check(params: Mapping[str, Any], fields: tuple[str, ...]) -> dict[str, str]
     return cleaned
 
 
+def check_session_id(params: Mapping[str, Any]) -> str:
+    """Validate just the sessionId (a `Last-Event-ID` reconnect needs nothing else). Raises ContractError."""
+    return _check(params, ("sessionId",))["sessionId"]
+
+
 def check_base_info(params: Mapping[str, Any]) -> BaseInfoInput:
     """Validate base-info fields (all required, bounded by LIMITS). Raises ContractError."""
     c = _check(params, BASE_INFO_FIELDS)
@@ -128,14 +133,6 @@ def query_params(raw: str) -> dict[str, str]:
         return dict(urllib.parse.parse_qsl(raw, keep_blank_values=True, encoding="utf-8", errors="strict"))
     except UnicodeDecodeError:
         raise ContractError(["query"], f"{MESSAGE_INVALID} 주소의 값은 UTF-8로 퍼센트 인코딩해 주세요.") from None
-
-
-def session_key(value: Any) -> str | None:
-    """A sessionId fit to key a rate limit by (a non-empty string within its limit), else None; the
-    full check comes later, with the other fields."""
-    if isinstance(value, str) and 0 < len(value) <= LIMITS["sessionId"]:
-        return value
-    return None
 
 
 def envelope(status: int, message: str, data: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ reached the request is let through (the listener then reports the outage itself)
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -18,6 +19,8 @@ from django.conf import settings
 from limits import RateLimitItem, parse_many
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
+
+from chatbot.redis_client import async_redis
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +44,21 @@ _limiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SlidingWindowCou
 
 
 def _limiter() -> SlidingWindowCounterRateLimiter:
-    """One limiter per event loop (its Redis connections belong to the loop)."""
+    """One limiter per event loop, on the loop's shared Redis pool (chatbot.redis_client)."""
     loop = asyncio.get_running_loop()
     limiter = _limiters.get(loop)
     if limiter is None:
-        uri = "async+" + settings.REDIS_URL
-        storage = RedisStorage(uri, implementation="redispy", key_prefix=f"{settings.LEAFRESH_REDIS_PREFIX}:ratelimit")
+        storage = RedisStorage(
+            "async+" + settings.REDIS_URL,
+            implementation="redispy",
+            key_prefix=f"{settings.LEAFRESH_REDIS_PREFIX}:ratelimit",
+            connection_pool=async_redis().connection_pool,
+        )
         limiter = _limiters[loop] = SlidingWindowCounterRateLimiter(storage)
     return limiter
 
 
+@functools.cache
 def _limits(setting: str) -> list[RateLimitItem]:
     return parse_many(setting) if setting.strip() else []
 

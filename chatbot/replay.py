@@ -2,15 +2,12 @@
 `Last-Event-ID` (EventSource does; the Spring backend may) gets what it missed and then the rest.
 
 Keys, under `{LEAFRESH_REDIS_PREFIX}:replay:{sessionId}:` and expiring LEAFRESH_REPLAY_TTL_S after
-the last write: `request` (the stream's request id), `events` (a list of `{"id", "event", "data"}`
-JSON objects, exactly as sent), and `listener` (set for a couple of seconds, again and again, by a
+the last write: `request` (the stream's request id), `events` (a list of the encoded SSE events,
+byte for byte as sent), and `listener` (set for a couple of seconds, again and again, by a
 reconnected client's relay: while it exists the generation goes on after the first client left).
 """
 
 from __future__ import annotations
-
-import json
-from typing import Any
 
 from django.conf import settings
 
@@ -34,27 +31,24 @@ class ReplayLog:
             pipe.set(self._request, request_id, px=self._ttl_ms)
             await pipe.execute()
 
-    async def append(self, *, event_id: int, event: str, data: dict[str, Any]) -> None:
-        """Record one event as it was sent."""
-        record = json.dumps({"id": event_id, "event": event, "data": data}, ensure_ascii=False)
-        async with _redis().pipeline(transaction=True) as pipe:
-            pipe.rpush(self._events, record)
+    async def append(self, frame: bytes) -> None:
+        """Record one encoded event (chatbot.sse.encode_event) as it was sent."""
+        async with _redis().pipeline(transaction=False) as pipe:
+            pipe.rpush(self._events, frame)
             pipe.pexpire(self._events, self._ttl_ms)
             pipe.pexpire(self._request, self._ttl_ms)
             await pipe.execute()
 
-    async def request_id(self) -> str | None:
-        """The request whose stream is logged, or None (no stream, or expired)."""
-        value = await _redis().get(self._request)
-        return value.decode() if value is not None else None
-
-    async def events_from(self, index: int) -> list[dict[str, Any]]:
-        """The recorded events from position `index` on (0-based), oldest first."""
-        return [json.loads(raw) for raw in await _redis().lrange(self._events, index, -1)]
-
-    async def hold(self) -> None:
-        """Say that a client is reading this stream again (for LISTENER_TTL_MS)."""
-        await _redis().set(self._listener, "1", px=LISTENER_TTL_MS)
+    async def follow(self, index: int) -> tuple[str | None, list[bytes]]:
+        """One poll of a reconnected client, in one round trip: say that it is reading the stream
+        (for LISTENER_TTL_MS), and return the logged request id (None: no stream, or expired) and
+        the recorded events from position `index` on (0-based), oldest first."""
+        async with _redis().pipeline(transaction=False) as pipe:
+            pipe.set(self._listener, "1", px=LISTENER_TTL_MS)
+            pipe.get(self._request)
+            pipe.lrange(self._events, index, -1)
+            _, request_id, frames = await pipe.execute()
+        return (request_id.decode() if request_id is not None else None), frames
 
     async def held(self) -> bool:
         """Whether a reconnected client is reading the stream now."""

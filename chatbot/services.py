@@ -335,8 +335,8 @@ async def worker_alive(*, name: str | None = None) -> bool:
             return checked[1]
         alive = bool(await client.exists(prefix + name))
         _named_alive[name] = (time.monotonic(), alive)
-        if len(_named_alive) > 1000:  # workers come and go: forget the oldest answers
-            for stale in sorted(_named_alive, key=lambda n: _named_alive[n][0])[:500]:
+        if len(_named_alive) > 1000:  # workers come and go: forget the answers that have expired
+            for stale in [n for n, (at, _) in _named_alive.items() if now - at >= NAMED_ALIVE_CACHE_S]:
                 del _named_alive[stale]
         return alive
     if now - _any_alive_seen_at < ANY_ALIVE_CACHE_S:

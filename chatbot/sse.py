@@ -17,6 +17,15 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 CONTENT_TYPE = "text/event-stream"  # UTF-8 is the only encoding SSE allows
 
 
+TERMINAL_EVENTS = ("close", "error")  # a stream ends with exactly one of these
+
+
+def decode_head(frame: bytes) -> tuple[int, str]:
+    """The id and event name of one event as encode_event wrote it."""
+    id_line, event_line, _ = frame.split(b"\n", 2)
+    return int(id_line[len(b"id: ") :]), event_line[len(b"event: ") :].decode()
+
+
 def encode_event(*, event_id: int, event: str, data: Mapping[str, Any]) -> bytes:
     """One SSE event as UTF-8 bytes.
 

@@ -26,19 +26,6 @@ from chatbot.streaming import Ping, answer_events
 
 logger = logging.getLogger(__name__)
 TRIAL_SESSION_PREFIX = "admin-try-"
-# The inputs each mode takes, as the contract names them.
-TRIAL_FIELDS: dict[str, tuple[str, ...]] = {
-    PromptTemplate.Mode.BASE_INFO: ("location", "workType", "category"),
-    PromptTemplate.Mode.FREE_TEXT: ("message",),
-}
-
-
-def trial_permitted(user: Any) -> bool:
-    """Whether `user` may try prompts: active staff who may view or change prompt templates (the
-    admin's own rule for seeing them). Reads permissions (blocking)."""
-    if not (user.is_active and user.is_staff):
-        return False
-    return user.has_perm("chatbot.view_prompttemplate") or user.has_perm("chatbot.change_prompttemplate")
 
 
 @dataclass(frozen=True)
@@ -61,14 +48,14 @@ def _measured(*, completion_tokens: int, first_text_s: float | None, end_s: floa
 
 
 async def prompt_trial_events(*, prompt: PromptTemplate, inputs: dict[str, Any]) -> AsyncIterator[TrialEvent | None]:
-    """Answer `inputs` (the mode's fields, see TRIAL_FIELDS) with `prompt`, active or not.
+    """Answer `inputs` (the mode's contract fields, e.g. the page's query) with `prompt`, active or not.
 
     Bad input, a missing worker or knowledge base, and every failure while streaming end as one
     `error` event; nothing but cancellation is raised. Use it with `contextlib.aclosing`: closing it
     early cancels the generation in the engine.
     """
     session_id = TRIAL_SESSION_PREFIX + uuid.uuid4().hex[:16]
-    params = {name: inputs.get(name) for name in TRIAL_FIELDS[prompt.mode]} | {"sessionId": session_id}
+    params = {**inputs, "sessionId": session_id}  # the contract's checks read only their mode's fields
     try:
         recommendation = await recommendation_prepare(mode=prompt.mode, params=params, challenge_cards=True, prompt=prompt)
     except ContractError as exc:

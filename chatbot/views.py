@@ -25,6 +25,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from chatbot import contract, sse
+from chatbot.auth import trial_permitted
 from chatbot.contract import ContractError
 from chatbot.conversation import session_clear, session_transcript, widget_session_id
 from chatbot.knowledge import KnowledgeUnavailableError
@@ -35,7 +36,7 @@ from chatbot.seed import LOCATIONS, WORK_TYPES
 from chatbot.selectors import category_list_active
 from chatbot.services import Recommendation, prepare_failure, recommendation_prepare
 from chatbot.streaming import Ping, answer_events
-from chatbot.trial import prompt_trial_events, trial_permitted
+from chatbot.trial import prompt_trial_events
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 8 * 1024
@@ -97,6 +98,11 @@ async def _pump(generation: Recommendation, relay: _Relay, log: ReplayLog) -> No
     terminal event. Once the client has gone, it goes on for LEAFRESH_RESUME_GRACE_S, and longer while
     a reconnected client reads the log; then it stops, which cancels the generation."""
     last_id = 0
+
+    async def emit(frame: bytes) -> None:
+        relay.queue.put_nowait(frame)
+        await _quietly(log.append(frame), "record an event")
+
     try:
         async with aclosing(answer_events(generation)) as events:
             async for item in events:
@@ -104,9 +110,8 @@ async def _pump(generation: Recommendation, relay: _Relay, log: ReplayLog) -> No
                     relay.queue.put_nowait(sse.PING)
                 elif (frame := _sse_frame(item)) is not None:
                     last_id, name, data = frame
-                    relay.queue.put_nowait(sse.encode_event(event_id=last_id, event=name, data=data))
-                    await _quietly(log.append(event_id=last_id, event=name, data=data), "record an event")
-                    if name in ("close", "error"):
+                    await emit(sse.encode_event(event_id=last_id, event=name, data=data))
+                    if name in sse.TERMINAL_EVENTS:
                         return
                 gone = relay.gone_at
                 if gone is not None and time.monotonic() - gone >= settings.LEAFRESH_RESUME_GRACE_S:
@@ -115,9 +120,7 @@ async def _pump(generation: Recommendation, relay: _Relay, log: ReplayLog) -> No
                         return  # closing the events cancels the generation
     except Exception:  # under daphne an exception here would leave the response open
         logger.exception("SSE stream failed for request %s", generation.request_id)
-        data = contract.envelope(500, contract.MESSAGE_INTERNAL, None)
-        relay.queue.put_nowait(sse.encode_event(event_id=last_id + 1, event="error", data=data))
-        await _quietly(log.append(event_id=last_id + 1, event="error", data=data), "record an event")
+        await emit(_error_frame(500, contract.MESSAGE_INTERNAL, event_id=last_id + 1))
     finally:
         relay.queue.put_nowait(None)
 
@@ -141,8 +144,9 @@ async def _sse_body(generation: Recommendation) -> AsyncIterator[bytes]:
         relay.gone_at = time.monotonic()  # the client left (or the stream ended): the pump decides
 
 
-async def _resume_body(log: ReplayLog, request_id: str, after_id: int) -> AsyncIterator[bytes]:
-    """The events of a logged stream after `after_id`, then those still to come, to the terminal one.
+async def _resume_body(log: ReplayLog, request_id: str, after_id: int, frames: list[bytes]) -> AsyncIterator[bytes]:
+    """The events of a logged stream after `after_id` (starting with `frames`, read already), then
+    those still to come, to the terminal one.
 
     Ends with an `error` when the session starts another stream meanwhile (409) or nothing more is
     logged for LEAFRESH_STALL_TIMEOUT_S (504: the relay that wrote the log is gone).
@@ -150,54 +154,50 @@ async def _resume_body(log: ReplayLog, request_id: str, after_id: int) -> AsyncI
     index = 0
     last_id = after_id
     idle_since = pinged_at = time.monotonic()
+    logged = request_id
     while True:
-        await log.hold()
-        records = await log.events_from(index)
-        index += len(records)
-        for record in records:
-            if record["id"] <= last_id:
+        if logged != request_id:  # the session started another stream: its events are not this one's
+            yield _error_frame(409, contract.MESSAGE_RESUME_REPLACED, event_id=last_id + 1)
+            return
+        index += len(frames)
+        for frame in frames:
+            event_id, event = sse.decode_head(frame)
+            if event_id <= last_id:
                 continue
-            last_id = record["id"]
-            yield sse.encode_event(event_id=last_id, event=record["event"], data=record["data"])
-            if record["event"] in ("close", "error"):
+            last_id = event_id
+            yield frame
+            if event in sse.TERMINAL_EVENTS:
                 return
         now = time.monotonic()
-        if records:
+        if frames:
             idle_since = now
-        elif await log.request_id() != request_id:
-            data = contract.envelope(409, contract.MESSAGE_RESUME_REPLACED, None)
-            yield sse.encode_event(event_id=last_id + 1, event="error", data=data)
-            return
         elif now - idle_since > settings.LEAFRESH_STALL_TIMEOUT_S:
-            yield sse.encode_event(
-                event_id=last_id + 1, event="error", data=contract.envelope(504, contract.MESSAGE_TIMEOUT, None)
-            )
+            yield _error_frame(504, contract.MESSAGE_TIMEOUT, event_id=last_id + 1)
             return
         if now - pinged_at >= settings.LEAFRESH_PING_INTERVAL_S:
             pinged_at = now
             yield sse.PING
         await asyncio.sleep(RESUME_POLL_S)
+        logged, frames = await log.follow(index)
 
 
 async def _resume(params: dict[str, Any], last_event_id: str) -> HttpResponse:
     """A GET with `Last-Event-ID`: what the session's latest stream sent after that id, then the rest
     of it (from any web process). 204 when there is nothing to resume (no stream logged, or it had
     already ended at that id); 400 for a bad sessionId or Last-Event-ID."""
-    session_id = contract.clean_field(params.get("sessionId"), contract.LIMITS["sessionId"])
-    if session_id is None:
-        raise ContractError(["sessionId"], f"{contract.MESSAGE_INVALID} 확인할 항목: sessionId")
+    session_id = contract.check_session_id(params)
     try:
         after_id = int(last_event_id)
     except ValueError:
         raise ContractError(["Last-Event-ID"], f"{contract.MESSAGE_INVALID} Last-Event-ID는 정수여야 합니다.") from None
     log = ReplayLog(session_id)
-    request_id = await log.request_id()
+    request_id, frames = await log.follow(0)
     if request_id is None:
         return HttpResponse(status=204)
-    ended = [r["id"] for r in await log.events_from(0) if r["event"] in ("close", "error")]
+    ended = [event_id for event_id, event in map(sse.decode_head, frames) if event in sse.TERMINAL_EVENTS]
     if ended and ended[0] <= after_id:
         return HttpResponse(status=204)  # the client saw the end: EventSource stops reconnecting on 204
-    return _sse_response(_resume_body(log, request_id, after_id), request_id)
+    return _sse_response(_resume_body(log, request_id, after_id, frames), request_id)
 
 
 def _json(payload: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> JsonResponse:
@@ -212,11 +212,10 @@ async def _answer_json(generation: Recommendation) -> JsonResponse:
         async for item in events:
             if isinstance(item, Ping):
                 continue
-            if item["type"] == "chat.done":
-                return _json(contract.envelope(200, contract.MESSAGE_DONE, item["data"]), headers=headers)
-            if item["type"] == "chat.error":
-                status = int(item["status"])
-                return _json(contract.envelope(status, item["message"], None), status=status, headers=headers)
+            frame = _sse_frame(item)
+            if frame is not None and frame[1] in sse.TERMINAL_EVENTS:  # the envelope the stream would close with
+                envelope = frame[2]
+                return _json(envelope, status=envelope["status"], headers=headers)
     return _json(contract.envelope(500, contract.MESSAGE_INTERNAL, None), status=500, headers=headers)
 
 
@@ -229,9 +228,14 @@ def _sse_response(body: AsyncIterator[bytes], request_id: str | None = None) -> 
     return response
 
 
+def _error_frame(status: int, message: str, *, event_id: int = 1) -> bytes:
+    """One encoded `error` event with the envelope."""
+    return sse.encode_event(event_id=event_id, event="error", data=contract.envelope(status, message, None))
+
+
 async def _sse_error(status: int, message: str) -> AsyncIterator[bytes]:
     """A stream of one `error` event: a failure after the input was accepted (e.g. Qdrant down)."""
-    yield sse.encode_event(event_id=1, event="error", data=contract.envelope(status, message, None))
+    yield _error_frame(status, message)
 
 
 def _limited_address(request: HttpRequest) -> str | None:
@@ -247,7 +251,10 @@ async def _recommend(request: HttpRequest, mode: str) -> HttpResponse:
         params = _params(request)
         if request.method == "GET" and "Last-Event-ID" in request.headers:
             return await _resume(params, request.headers["Last-Event-ID"])
-        await rate_limit_check(session_id=contract.session_key(params.get("sessionId")), address=_limited_address(request))
+        await rate_limit_check(
+            session_id=contract.clean_field(params.get("sessionId"), contract.LIMITS["sessionId"]),
+            address=_limited_address(request),
+        )
         generation = await recommendation_prepare(mode=mode, params=params)
     except ContractError as exc:
         return _json(exc.envelope(), status=exc.status)
@@ -331,7 +338,7 @@ async def prompt_trial_stream(request: HttpRequest, prompt_id: int) -> HttpRespo
 
     The inputs are the mode's fields as query parameters. Every refusal is a stream of one `error`
     event (the page's EventSource cannot read an HTTP error's body): 403 unless the user may try
-    prompts (chatbot.trial.trial_permitted) or when the browser says the request came from another
+    prompts (chatbot.auth.trial_permitted) or when the browser says the request came from another
     site (`Sec-Fetch-Site`: a trial runs a generation), 404 for an unknown version, 400 bad input.
     """
     user = await request.auser()
@@ -342,19 +349,14 @@ async def prompt_trial_stream(request: HttpRequest, prompt_id: int) -> HttpRespo
     if prompt is None:
         return _sse_response(_sse_error(404, "그런 프롬프트 버전이 없습니다."))
 
-    async def body() -> AsyncIterator[bytes]:
+    async def body() -> AsyncIterator[bytes]:  # prompt_trial_events turns every failure into its `error` event
         event_id = 0
-        try:
-            async with aclosing(prompt_trial_events(prompt=prompt, inputs=request.GET.dict())) as events:
-                async for item in events:
-                    if item is None:
-                        yield sse.PING
-                        continue
-                    event_id += 1
-                    yield sse.encode_event(event_id=event_id, event=item.event, data=item.data)
-        except Exception:  # under daphne an exception here would leave the response open
-            logger.exception("the trial stream of prompt %s failed", prompt.pk)
-            failure = {"status": 500, "message": contract.MESSAGE_INTERNAL}
-            yield sse.encode_event(event_id=event_id + 1, event="error", data=failure)
+        async with aclosing(prompt_trial_events(prompt=prompt, inputs=request.GET.dict())) as events:
+            async for item in events:
+                if item is None:
+                    yield sse.PING
+                    continue
+                event_id += 1
+                yield sse.encode_event(event_id=event_id, event=item.event, data=item.data)
 
     return _sse_response(body())

@@ -12,10 +12,10 @@ from asgiref.sync import async_to_sync
 from django.contrib.auth.models import Permission, User
 from django.test import Client
 
+from chatbot.auth import trial_permitted
 from chatbot.conversation import TurnDraft, TurnOutcome, turn_record
 from chatbot.models import Category, PromptTemplate
 from chatbot.seed import LOCATIONS, WORK_TYPES
-from chatbot.trial import trial_permitted
 from tests.helpers import widget_data as page_widget_data
 
 pytestmark = pytest.mark.django_db
