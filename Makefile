@@ -55,13 +55,13 @@ browser:
 	fi
 
 # The suite runs twice: on SQLite (the default database) and on PostgreSQL (production's), each stack
-# on a fresh database of its own. POSTGRES_URL names the server (the database itself need not exist).
+# on a fresh database of its own; tests marked no_database run only the first time. POSTGRES_URL names the server (the database itself need not exist).
 POSTGRES_URL ?= postgres://postgres@127.0.0.1:5432/leafresh
 test: setup lint browser
 	LEAFRESH_CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest
 	@$(PY) -c "import psycopg, sys; from urllib.parse import urlparse; u = urlparse(sys.argv[1]); psycopg.connect(u._replace(path='/postgres').geturl(), connect_timeout=5).close()" '$(POSTGRES_URL)' \
 	  || { echo "PostgreSQL does not answer at $(POSTGRES_URL): the suite's second run needs it (set POSTGRES_URL)" >&2; exit 1; }
-	DATABASE_URL=$(POSTGRES_URL) LEAFRESH_CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest
+	DATABASE_URL=$(POSTGRES_URL) LEAFRESH_CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest -m "not no_database"
 
 $(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.installed
 	$(PY) -m pip install --quiet -r requirements-bench.txt

@@ -43,7 +43,7 @@ from django.conf import settings  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.sse import aiter_events  # noqa: E402
+from bench.sse import aiter_events, percentile  # noqa: E402
 from chatbot import seed  # noqa: E402
 from chatbot.demo_corpus import seed_messages  # noqa: E402
 from chatbot.knowledge.indexing import knowledge_search  # noqa: E402
@@ -57,17 +57,6 @@ from tests.stack import launch_stack  # noqa: E402
 
 LABELS = {c["code"]: c["label"] for c in seed.CATEGORIES}
 SAMPLING = SamplingParams()  # the production defaults (GenerationSettings' defaults)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) by linear interpolation (numpy's default); 0.0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def workload(i: int) -> dict[str, str]:

@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import random
-import statistics
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -40,10 +39,10 @@ import websockets
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.sse import aiter_events  # noqa: E402
+from bench.sse import aiter_events, percentile  # noqa: E402
+from tests.helpers import FREE_TEXT  # noqa: E402
 from tests.stack import launch_stack  # noqa: E402
 
-FREE_TEXT = "/ai/chatbot/recommendation/free-text"
 MESSAGES = [
     "텀블러를 쓰고 싶어요",
     "플라스틱 쓰레기를 줄이고 싶어요",
@@ -204,11 +203,7 @@ def _process_figures(pid: int, redis_port: int = 6379) -> dict[str, Any]:
 
 def _percentile_ms(values: list[float], q: int) -> float | None:
     """The q-th percentile of `values` (seconds) in milliseconds; None without values."""
-    if not values:
-        return None
-    if len(values) == 1:
-        return round(values[0] * 1000, 1)
-    return round(statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000, 1)
+    return round(percentile(values, q) * 1000, 1) if values else None
 
 
 async def _run(plan: Plan, clients: int, warmup_s: float, web_pid: int, worker_pid: int) -> dict[str, Any]:

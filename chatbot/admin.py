@@ -20,6 +20,7 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 
+from chatbot import contract
 from chatbot.auth import trial_permitted
 from chatbot.models import Category, ChatSession, GenerationSettings, KnowledgeDocument, ModerationTerm, PromptTemplate, Turn
 from chatbot.prompt_versions import prompt_activate, prompt_check, prompt_diff, prompt_save_version
@@ -92,6 +93,7 @@ class PromptTemplateAdmin(admin.ModelAdmin):
             "locations": LOCATIONS,
             "work_types": WORK_TYPES,
             "categories": category_list_active(),
+            "message_max_chars": contract.LIMITS["message"],
         }
         return TemplateResponse(request, "admin/chatbot/prompttemplate/try.html", context)
 

@@ -178,3 +178,23 @@ def widget_browser(base_url: str) -> tuple[str, dict[str, str]]:
     browser = httpx.Client(base_url=base_url, timeout=10)
     session_id = widget_data(browser.get("/").text)["sessionId"]
     return session_id, {"Cookie": f"sessionid={browser.cookies['sessionid']}"}
+
+
+def stream_until_first_delta_then(
+    client: httpx.Client, session: str, act, message: str = "자전거를 타고 싶어요"
+) -> tuple[SSEStream, float]:
+    """Open a free-text SSE stream, call `act(request_id)` once its first `challenge` event arrived,
+    read to the end; return the stream and the seconds it took to end after `act`."""
+    with client.stream("GET", FREE_TEXT, params={"sessionId": session, "message": message}) as response:
+        raw = b""
+        chunks = response.iter_raw()
+        for chunk in chunks:
+            raw += chunk
+            if b"event: challenge" in raw:
+                break
+        act(response.headers["X-Request-ID"])
+        acted_at = time.monotonic()
+        for chunk in chunks:
+            raw += chunk
+        ended_after = time.monotonic() - acted_at
+    return SSEStream(response.status_code, response.headers, raw, parse_sse(raw)), ended_after

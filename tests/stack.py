@@ -75,8 +75,7 @@ class Stack:
         _stop(self.worker)
         _wait(lambda: not self.worker_alive(), 15, "the old worker's heartbeat to go", [], self.log_dir)
         self.worker = _start_worker(self.tag, self.env, self.log_dir)
-        self.web = _start_web(self.port, self.env, self._next_log("web-restarted"))
-        _wait(lambda: _web_up(self.base_url), 60, "the restarted daphne", [self.worker, self.web], self.log_dir)
+        self.restart_web()
         _wait(self.worker_alive, 120, "the restarted worker's heartbeat", [self.worker, self.web], self.log_dir)
 
 

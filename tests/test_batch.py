@@ -9,6 +9,8 @@ from chatbot import seed
 from inference import batch as batch_module
 from inference.batch import KVBatch
 
+pytestmark = pytest.mark.no_database  # touches no database: run once, not again on PostgreSQL
+
 PROMPTS = [
     "[INST]거주 지역: 도시[/INST]",
     "[INST]사용자 메시지: 고기를 줄여 보고 싶어요. 아주 길게 말해 보는 메시지입니다.[/INST]",

@@ -16,31 +16,16 @@ import httpx
 from websockets.sync.client import connect
 
 from chatbot import contract
-from tests.helpers import FREE_TEXT, SSEStream, assert_one_terminal_last, cancelled_in_engine, eventually, parse_sse
+from tests.helpers import (
+    FREE_TEXT,
+    SSEStream,
+    assert_one_terminal_last,
+    cancelled_in_engine,
+    eventually,
+    parse_sse,
+    stream_until_first_delta_then,
+)
 from tests.stack import BIN, ROOT, launch_web
-
-
-def _stream_until_first_delta_then(
-    client: httpx.Client, session: str, act, headers_out: dict[str, str] | None = None
-) -> tuple[SSEStream, float]:
-    """Open a free-text SSE stream, call `act()` once the first `challenge` event arrived, read to the
-    end; return the stream and the seconds it took to end after `act()`. `headers_out["id"]` gets
-    the stream's request id (X-Request-ID) before `act()` runs."""
-    with client.stream("GET", FREE_TEXT, params={"sessionId": session, "message": "자전거를 타고 싶어요"}) as response:
-        if headers_out is not None:
-            headers_out["id"] = response.headers["X-Request-ID"]
-        raw = b""
-        chunks = response.iter_raw()
-        for chunk in chunks:
-            raw += chunk
-            if b"event: challenge" in raw:
-                break
-        act()
-        acted_at = time.monotonic()
-        for chunk in chunks:
-            raw += chunk
-        ended_after = time.monotonic() - acted_at
-    return SSEStream(response.status_code, response.headers, raw, parse_sse(raw)), ended_after
 
 
 def _inject(stack, session: str, event: dict) -> None:
@@ -56,12 +41,9 @@ def _inject(stack, session: str, event: dict) -> None:
 def _stream_with_injected(stack, session: str, make_event) -> tuple[SSEStream, float, str]:
     """Open a stream, and once its first delta arrived inject `make_event(request_id)` into the
     session's group; return the stream, the seconds it took to end after the injection, its request id."""
-    holder: dict[str, str] = {}
-    client = httpx.Client(base_url=stack.base_url, timeout=60)
-    stream, ended_after = _stream_until_first_delta_then(
-        client, session, lambda: _inject(stack, session, make_event(holder["id"])), holder
-    )
-    return stream, ended_after, holder["id"]
+    with httpx.Client(base_url=stack.base_url, timeout=60) as client:
+        stream, ended_after = stream_until_first_delta_then(client, session, lambda rid: _inject(stack, session, make_event(rid)))
+    return stream, ended_after, stream.headers["X-Request-ID"]
 
 
 def test_a_malformed_event_mid_answer_ends_the_stream_with_one_error_within_a_second(slow_stack) -> None:
@@ -232,10 +214,10 @@ def test_the_publisher_process_dying_mid_answer_ends_the_stream_with_503(slow_mo
     env = {"LEAFRESH_MODEL": str(slow_model_dir), "LEAFRESH_HEARTBEAT_TTL_S": "2"}
     with launch_stack("pubdeath", env) as stack, httpx.Client(base_url=stack.base_url, timeout=60) as client:
 
-        def kill_publisher() -> None:
+        def kill_publisher(request_id: str) -> None:
             _publisher_of(stack.worker.pid).kill()
 
-        stream, ended_after = _stream_until_first_delta_then(client, "orphan", kill_publisher)
+        stream, ended_after = stream_until_first_delta_then(client, "orphan", kill_publisher)
         assert_one_terminal_last(stream)
         assert stream.terminal.event == "error" and stream.terminal.data["status"] == 503
         assert ended_after < 10, f"the stream took {ended_after:.1f} s to end after the publisher died"
@@ -252,8 +234,8 @@ def test_an_idle_worker_whose_publisher_dies_exits(demo_model_dir) -> None:
 
 def test_worker_killed_mid_answer_ends_the_stream_with_503_then_new_requests_fail_fast(slow_stack) -> None:
     with httpx.Client(base_url=slow_stack.base_url, timeout=60) as client:
-        stream, ended_after = _stream_until_first_delta_then(
-            client, "victim", lambda: os.killpg(slow_stack.worker.pid, signal.SIGKILL)
+        stream, ended_after = stream_until_first_delta_then(
+            client, "victim", lambda _: os.killpg(slow_stack.worker.pid, signal.SIGKILL)
         )
         assert_one_terminal_last(stream)
         assert stream.terminal.event == "error" and stream.terminal.data["status"] == 503

@@ -4,13 +4,14 @@ without restarting daphne or the worker."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import subprocess
-import time
 
 import httpx
 import redis
 
-from tests.helpers import FREE_TEXT, SSEStream, assert_one_terminal_last, parse_sse
+from tests.helpers import FREE_TEXT, assert_one_terminal_last, eventually, stream_until_first_delta_then
 from tests.stack import BIN, ROOT, free_port, launch_stack
 
 MESSAGE = {"message": "텀블러를 쓰고 싶어요"}
@@ -36,34 +37,23 @@ def test_redis_restarted_mid_answer_ends_the_stream_and_new_requests_are_served_
     server = redis.Redis.from_url(url)
     try:
         with launch_stack("redis-restart", env) as stack:
-            raw = b""
-            with httpx.stream("GET", stack.base_url + FREE_TEXT, params={"sessionId": "rr-1", **MESSAGE}, timeout=30) as response:
-                chunks = response.iter_bytes()
-                while b"event: challenge" not in raw:
-                    raw += next(chunks)
-                try:
-                    server.shutdown(nosave=True)
-                except redis.ConnectionError:
-                    pass  # the server closes this very connection as it goes
-                gone = time.monotonic()
-                for chunk in chunks:
-                    raw += chunk
-                ended_after = time.monotonic() - gone
-            stream = SSEStream(response.status_code, response.headers, raw, parse_sse(raw))
+            with httpx.Client(base_url=stack.base_url, timeout=30) as client:
+                stream, ended_after = stream_until_first_delta_then(
+                    client, "rr-1", lambda _: _shut_down(server), MESSAGE["message"]
+                )
             assert_one_terminal_last(stream)
             assert stream.terminal.event == "error" and stream.terminal.data["status"] >= 500
             assert ended_after < 15, f"the stream took {ended_after:.1f} s to end after Redis went away"
 
             subprocess.run([str(BIN / "python"), "manage.py", "ensure_redis"], cwd=ROOT, env=stack.env, check=True)
-            back = time.monotonic()
-            attempt = 0
-            while not _streams_tokens(stack.base_url, f"rr-after-{attempt}"):
-                attempt += 1
-                assert time.monotonic() - back < 30, "no request was served within 30 s of Redis coming back"
-                time.sleep(0.5)
+            attempts = itertools.count()
+            served = eventually(lambda: _streams_tokens(stack.base_url, f"rr-after-{next(attempts)}"), 30, 0.5)
+            assert served, "no request was served within 30 s of Redis coming back"
             assert stack.web.poll() is None and stack.worker.poll() is None  # nothing was restarted
     finally:
-        try:
-            server.shutdown(nosave=True)
-        except redis.ConnectionError:
-            pass
+        _shut_down(server)
+
+
+def _shut_down(server: redis.Redis) -> None:
+    with contextlib.suppress(redis.ConnectionError):  # the server closes this very connection as it goes
+        server.shutdown(nosave=True)

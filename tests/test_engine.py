@@ -20,6 +20,8 @@ from inference.sampling import GenerationError, RowSampling, sample_batch, sampl
 from inference.types import FinishReason, GenerationRequest, SamplingParams
 from tests.helpers import assert_deltas_render_answer, assert_valid_answer
 
+pytestmark = pytest.mark.no_database  # touches no database: run once, not again on PostgreSQL
+
 LABELS = {c["code"]: c["label"] for c in seed.CATEGORIES}
 PROMPTS = {p["mode"]: p for p in seed.PROMPTS}
 
@@ -173,7 +175,7 @@ def test_a_prompt_that_leaves_no_room_in_the_context_window_is_refused_with_400(
     assert window == 1024  # the demo model's max_position_embeddings
     request = base_info_request("huge", "VEGAN", temperature=0.0)
     words = " ".join(f"낱말{n}" for n in range(window))  # well over the window in tokens
-    huge = GenerationRequest(**{**request.__dict__, "messages": [*request.messages[:-1], {"role": "user", "content": words}]})
+    huge = dataclasses.replace(request, messages=[*request.messages[:-1], {"role": "user", "content": words}])
     engine_.submit(huge)
     engine_.submit(base_info_request("next", "VEGAN", temperature=0.0, max_new_tokens=100_000))  # cut to the room left
     sink.wait(2)
@@ -239,7 +241,7 @@ def test_history_gives_way_before_the_answer_when_the_context_window_is_short(en
         turns += [{"role": "user", "content": f"{n}번째 질문: 텀블러와 장바구니를 쓰는 방법을 자세히 알려 주세요."}]
         turns += [{"role": "assistant", "content": f"{n}번째 답: 텀블러를 챙기고 장바구니를 들고 다니세요. " * 4}]
     request = base_info_request("long-history", "VEGAN", temperature=0.0, max_new_tokens=512)
-    request = GenerationRequest(**{**request.__dict__, "history": turns, "history_budget_tokens": 100_000})
+    request = dataclasses.replace(request, history=turns, history_budget_tokens=100_000)
     engine_.submit(request)
     sink.wait(1)
     kind, _, payload = sink.of("long-history")[-1]
@@ -262,7 +264,7 @@ def test_cancel_stops_a_request_and_publishes_nothing_more(engine) -> None:
 def test_expired_request_is_a_deadline_error(engine) -> None:
     engine_, sink = engine
     request = base_info_request("late", "VEGAN")
-    late = GenerationRequest(**{**request.__dict__, "created_at": time.time() - 3600})
+    late = dataclasses.replace(request, created_at=time.time() - 3600)
     engine_.submit(late)
     sink.wait(1)
     kind, _, payload = sink.of("late")[-1]

@@ -15,6 +15,8 @@ from inference.types import FinishReason, GenerationRequest
 from tests.helpers import assert_valid_answer
 from tests.test_engine import ListSink, base_info_request
 
+pytestmark = pytest.mark.no_database  # touches no database: run once, not again on PostgreSQL
+
 CODES = ["ZERO_WASTE", "PLOGGING", "CARBON_FOOTPRINT", "ENERGY_SAVING", "UPCYCLING", "MEDIA"]
 
 

@@ -12,6 +12,8 @@ from chatbot.demo_corpus import demo_examples
 from inference.demo_model import DEMO_MODEL_NAME, DemoTrainingConfig, fingerprint, is_up_to_date, train_demo_model
 from inference.loading import ModelLoadError, ModelSettings, load_model, quantization_config
 
+pytestmark = pytest.mark.no_database  # touches no database: run once, not again on PostgreSQL
+
 
 def test_demo_model_loads_by_path_named_as_a_demo(loaded_demo) -> None:
     assert loaded_demo.name == DEMO_MODEL_NAME and "demo" in loaded_demo.name

@@ -11,6 +11,8 @@ from channels.layers import InMemoryChannelLayer
 from inference.publisher import ChannelLayerPublisher, LoopThread
 from inference.types import FinishReason, GenerationRequest
 
+pytestmark = pytest.mark.no_database  # touches no database: run once, not again on PostgreSQL
+
 
 @pytest.fixture
 def setup():

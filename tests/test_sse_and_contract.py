@@ -9,6 +9,8 @@ import pytest
 from chatbot import contract, sse
 from chatbot.contract import ContractError, check_base_info, check_free_text
 
+pytestmark = pytest.mark.no_database  # touches no database: run once, not again on PostgreSQL
+
 
 def test_encode_event_writes_id_event_and_one_line_of_json() -> None:
     data = contract.envelope(200, "토큰 생성", '첫 줄\n\n둘째 줄 "따옴표"')

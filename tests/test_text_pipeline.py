@@ -11,6 +11,8 @@ from inference.detokenize import IncrementalDetokenizer
 from inference.render import ProgressiveRenderer, render_answer
 from inference.structured import GrammarFactory
 
+pytestmark = pytest.mark.no_database  # touches no database: run once, not again on PostgreSQL
+
 # Common words are whole tokens in the demo vocabulary; rare syllables (뷁, 꿿) fall apart into bytes.
 KOREAN = "해안가에서 플로깅을 하며 쓰레기를 주워 보세요. 뷁꿿! 텀블러와 장바구니도 챙기세요."
 ANSWER = {
