@@ -32,14 +32,19 @@ index: migrate
 
 setup: venv redis migrate index model
 
+# LEAFRESH_GPU_WORKERS=N starts N GPU workers (honcho's worker.1 … worker.N), each on a GPU of its own
+# where the machine has GPUs or LEAFRESH_GPU_DEVICES lists them (bin/gpu-worker).
+run: export LEAFRESH_GPU_WORKERS ?= 1
 run: setup
+	@case '$(LEAFRESH_GPU_WORKERS)' in '' | 0* | *[!0-9]*) echo "LEAFRESH_GPU_WORKERS must be a whole number from 1" >&2; exit 1 ;; esac
 	@echo
 	@echo "Leafresh chat server on http://127.0.0.1:$(PORT)/  (the chat page; admin at /admin/)"
 	@echo "Try the SSE stream:"
 	@echo "  curl -N 'http://127.0.0.1:$(PORT)/ai/chatbot/recommendation/base-info?sessionId=demo-1&location=%EB%8F%84%EC%8B%9C&workType=%EC%82%AC%EB%AC%B4%EC%A7%81&category=%EC%A0%9C%EB%A1%9C%EC%9B%A8%EC%9D%B4%EC%8A%A4%ED%8A%B8'"
 	@echo "  curl -N 'http://127.0.0.1:$(PORT)/ai/chatbot/recommendation/free-text?sessionId=demo-2&message=%EC%9D%BC%ED%9A%8C%EC%9A%A9%ED%92%88%EC%9D%84%20%EC%A4%84%EC%9D%B4%EA%B3%A0%20%EC%8B%B6%EC%96%B4%EC%9A%94'"
+	@echo "The OpenAI-compatible API: base_url http://127.0.0.1:$(PORT)/v1, model \"leafresh\" (README: OpenAI-compatible API)"
 	@echo
-	$(VENV)/bin/honcho start -f Procfile -p $(PORT)
+	$(VENV)/bin/honcho start -f Procfile -p $(PORT) -c worker=$(LEAFRESH_GPU_WORKERS)
 
 # The browser tests drive Debian's Chromium through Playwright (never a downloaded browser), and a
 # Korean font makes their screenshots readable. Installed from Debian's packages when missing.

@@ -12,7 +12,7 @@ import logging
 import os
 
 from celery import Celery
-from celery.signals import celeryd_after_setup, worker_shutdown
+from celery.signals import celeryd_after_setup, celeryd_init, setup_logging, worker_shutdown
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "leafresh.settings")
 
@@ -22,6 +22,29 @@ app.autodiscover_tasks(["chatbot"])
 
 logger = logging.getLogger(__name__)
 GPU_QUEUE = "gpu"
+
+
+@setup_logging.connect
+def configure_logging(**kwargs: object) -> None:
+    """Log as daphne does (settings.LOGGING: JSON lines unless LEAFRESH_LOG_FORMAT=plain). With a
+    receiver on this signal Celery installs no handlers or formats of its own."""
+    from django.conf import settings
+
+    from leafresh.logs import logging_configure
+
+    logging_configure(settings.LOGGING)
+
+
+@celeryd_init.connect
+def configure_worker_output(sender: str, instance: object, **kwargs: object) -> None:
+    """Before the worker checks its privileges (a warning as root): log in our format from here on.
+    With JSON logs, leave out Celery's start-up banner (printed, not logged); the worker still logs
+    "<name> ready." when it starts consuming."""
+    from django.conf import settings
+
+    configure_logging()
+    if settings.LEAFRESH_LOG_FORMAT == "json":
+        instance.quiet = True  # type: ignore[attr-defined]
 
 
 @celeryd_after_setup.connect

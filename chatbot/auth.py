@@ -1,4 +1,4 @@
-"""Who may do what: API keys for the service-to-service routes (`/ai/`, and `/v1/` later): `Authorization: Bearer <key>`.
+"""Who may do what: API keys for the service-to-service routes (`/ai/`, `/v1/`): `Authorization: Bearer <key>`.
 
 The keys are LEAFRESH_API_KEYS (several, so a key can be rotated: add the new one, move the
 callers, drop the old one). A presented key is compared with every configured key in constant time
@@ -25,6 +25,7 @@ from chatbot import contract
 
 logger = logging.getLogger(__name__)
 PROTECTED_PREFIXES = ("/ai/", "/v1/")
+OPENAI_PREFIX = "/v1/"  # the OpenAI-compatible API answers errors in OpenAI's shape
 MESSAGE_UNAUTHORIZED = "인증이 필요합니다. Authorization: Bearer <API 키> 헤더를 보내 주세요."
 
 
@@ -58,8 +59,9 @@ def api_keys_startup_check() -> None:
 
 
 class ApiKeyMiddleware:
-    """Answer 401 (the JSON envelope, `WWW-Authenticate: Bearer`) to a request under
-    PROTECTED_PREFIXES without a valid key, when keys are configured. Sync and async capable."""
+    """Answer 401 (the JSON envelope, or under `/v1/` OpenAI's error object; `WWW-Authenticate:
+    Bearer`) to a request under PROTECTED_PREFIXES without a valid key, when keys are configured.
+    Sync and async capable."""
 
     sync_capable = True
     async_capable = True
@@ -77,9 +79,12 @@ class ApiKeyMiddleware:
         if api_key_valid(request.headers.get("Authorization"), keys):
             request.api_client = True  # a trusted service caller: no per-address rate limit
             return None
-        response = JsonResponse(
-            contract.envelope(401, MESSAGE_UNAUTHORIZED, None), status=401, json_dumps_params={"ensure_ascii": False}
-        )
+        if request.path.startswith(OPENAI_PREFIX):  # OpenAI's error shape, which its clients read
+            error = {"message": MESSAGE_UNAUTHORIZED, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
+            body = {"error": error}
+        else:
+            body = contract.envelope(401, MESSAGE_UNAUTHORIZED, None)
+        response = JsonResponse(body, status=401, json_dumps_params={"ensure_ascii": False})
         response["WWW-Authenticate"] = 'Bearer realm="leafresh"'
         return response
 

@@ -24,20 +24,21 @@ logger = logging.getLogger(__name__)
 class WorkerMetricsCollector(Collector):
     """Collects the metric families that live GPU workers published to Redis."""
 
-    def __init__(self, redis_url: str, prefix: str) -> None:
+    def __init__(self, redis_url: str, prefix: str, registry_key: str) -> None:
         self._client = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
-        self._prefix = prefix
+        self._prefix = prefix.encode()
+        self._registry_key = registry_key
 
     def collect(self) -> Iterator[Metric]:
         merged: dict[str, Metric] = {}
         try:
-            keys = list(self._client.scan_iter(match=self._prefix + "*", count=100))
-            texts = self._client.mget(keys) if keys else []
+            names = self._client.zrange(self._registry_key, 0, -1)  # the workers (inference.worker)
+            texts = self._client.mget([self._prefix + name for name in names]) if names else []
         except redis.RedisError:
             logger.warning("could not read the workers' metrics from Redis", exc_info=True)
             return
         for text in texts:
-            if text is None:  # expired between SCAN and MGET
+            if text is None:  # a dead worker's: expired with its heartbeat
                 continue
             for family in text_string_to_metric_families(text.decode()):
                 if family.name in merged:
@@ -54,7 +55,10 @@ def metrics_registry() -> CollectorRegistry:
     """The web process's default registry with the workers' collector added (once)."""
     global _registry
     if _registry is None:
-        REGISTRY.register(WorkerMetricsCollector(settings.REDIS_URL, settings.LEAFRESH_METRICS_PREFIX))
+        collector = WorkerMetricsCollector(
+            settings.REDIS_URL, settings.LEAFRESH_METRICS_PREFIX, settings.LEAFRESH_WORKER_REGISTRY_KEY
+        )
+        REGISTRY.register(collector)
         _registry = REGISTRY
     return _registry
 

@@ -32,3 +32,15 @@ def async_redis() -> aioredis.Redis:
         )
         client = _clients[loop] = aioredis.Redis(connection_pool=pool)
     return client
+
+
+async def worker_heartbeats() -> list[bytes]:
+    """The live GPU workers' heartbeat values (JSON `{"name", "model", "running", "waiting", "at"}`,
+    inference.worker), from the worker registry (a sorted set of names) and one MGET: two round
+    trips whatever the size of the keyspace. Raises redis.RedisError when Redis cannot be read."""
+    client = async_redis()
+    names = await client.zrange(settings.LEAFRESH_WORKER_REGISTRY_KEY, 0, -1)
+    if not names:
+        return []
+    values = await client.mget([settings.LEAFRESH_HEARTBEAT_PREFIX.encode() + name for name in names])
+    return [value for value in values if value is not None]  # a name whose heartbeat expired: dead

@@ -8,6 +8,7 @@ from pathlib import Path
 from django.conf import settings
 
 from inference.loading import ModelSettings
+from inference.remote import RemoteSettings
 from inference.worker import WorkerRuntime, WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -41,10 +42,30 @@ def model_settings() -> ModelSettings:
     )
 
 
+def remote_settings() -> RemoteSettings:
+    """How to reach the remote OpenAI-compatible server (LEAFRESH_OPENAI_*). History tokens are
+    counted with the tokenizer of LEAFRESH_MODEL when it is a local folder, else of the demo model
+    when it is built, else estimated (inference.remote.estimate_tokens)."""
+    candidates = [settings.LEAFRESH_MODEL, str(settings.LEAFRESH_DEMO_MODEL_DIR)]
+    tokenizer_dir = next((c for c in candidates if c and Path(c).is_dir()), None)
+    return RemoteSettings(
+        base_url=settings.LEAFRESH_OPENAI_BASE_URL,
+        api_key=settings.LEAFRESH_OPENAI_API_KEY,
+        model=settings.LEAFRESH_OPENAI_MODEL,
+        json_schema=settings.LEAFRESH_OPENAI_JSON_SCHEMA,
+        timeout_s=settings.LEAFRESH_OPENAI_TIMEOUT_S,
+        tokenizer_dir=tokenizer_dir,
+    )
+
+
 def worker_settings() -> WorkerSettings:
-    """WorkerSettings from the Django settings module."""
+    """WorkerSettings from the Django settings module (LEAFRESH_BACKEND picks the local model or a
+    remote server)."""
+    remote = settings.LEAFRESH_BACKEND == "openai"
     return WorkerSettings(
-        model=model_settings(),
+        model=None if remote else model_settings(),
+        backend=settings.LEAFRESH_BACKEND,
+        remote=remote_settings() if remote else None,
         redis_url=settings.REDIS_URL,
         channel_layer=settings.CHANNEL_LAYERS["default"],
         max_running=settings.LEAFRESH_MAX_RUNNING,
@@ -56,6 +77,7 @@ def worker_settings() -> WorkerSettings:
         heartbeat_interval_s=min(2.0, settings.LEAFRESH_HEARTBEAT_TTL_S / 3),
         heartbeat_prefix=settings.LEAFRESH_HEARTBEAT_PREFIX,
         metrics_prefix=settings.LEAFRESH_METRICS_PREFIX,
+        registry_key=settings.LEAFRESH_WORKER_REGISTRY_KEY,
     )
 
 
@@ -63,7 +85,7 @@ def runtime_start() -> WorkerRuntime:
     """Start the process's runtime once (idempotent)."""
     global _runtime
     if _runtime is None:
-        if settings.LEAFRESH_TORCH_THREADS > 0:
+        if settings.LEAFRESH_TORCH_THREADS > 0 and settings.LEAFRESH_BACKEND == "local":
             import torch
 
             torch.set_num_threads(settings.LEAFRESH_TORCH_THREADS)

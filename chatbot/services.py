@@ -25,7 +25,7 @@ from chatbot.conversation import SessionContext, TurnDraft, session_context
 from chatbot.knowledge import KnowledgeUnavailableError
 from chatbot.models import Category, PromptTemplate
 from chatbot.prompts import build_messages, category_list_text, context_text, conversation_query, profile_text
-from chatbot.redis_client import async_redis
+from chatbot.redis_client import async_redis, worker_heartbeats
 from chatbot.selectors import (
     NotConfiguredError,
     categories_for_message,
@@ -176,11 +176,12 @@ class FreeTextPlan:
 
 
 def recommendation_plan_free_text(
-    *, checked: FreeTextInput, prompt: PromptTemplate | None = None
+    *, checked: FreeTextInput, prompt: PromptTemplate | None = None, context: SessionContext | None = None
 ) -> FreeTextPlan | Recommendation:
     """The database part of a free-text request (blocking): a polite preset Recommendation when the
     message is abusive or off-topic (moderation terms in the database), else a FreeTextPlan with the
-    mode's active prompt or the given version of it.
+    mode's active prompt or the given version of it. `context` replaces the session's own (read from
+    the database when None): the OpenAI-compatible API brings its conversation in the request.
 
     Raises selectors.NotConfiguredError when the mode has no active prompt or no category is active.
     """
@@ -195,7 +196,8 @@ def recommendation_plan_free_text(
     if not active:
         raise NotConfiguredError("no active category")
     prompt = prompt or prompt_get_active(mode="free_text")
-    context = session_context(session_id=checked.session_id, max_turns=settings.LEAFRESH_HISTORY_MAX_TURNS)
+    if context is None:
+        context = session_context(session_id=checked.session_id, max_turns=settings.LEAFRESH_HISTORY_MAX_TURNS)
     query = conversation_query(checked.message, context.user_texts, category_keyword_lists(active))
     return FreeTextPlan(checked=checked, prompt=prompt, categories=active, context=context, query=query)
 
@@ -239,12 +241,18 @@ def recommendation_build_free_text(*, plan: FreeTextPlan, passages: list[Hit]) -
 
 
 async def recommendation_prepare(
-    *, mode: str, params: dict[str, Any], challenge_cards: bool = False, prompt: PromptTemplate | None = None
+    *,
+    mode: str,
+    params: dict[str, Any],
+    challenge_cards: bool = False,
+    prompt: PromptTemplate | None = None,
+    context: SessionContext | None = None,
 ) -> Recommendation:
     """Check the input and build a recommendation; for free text, retrieve passages first.
 
     `mode` base_info or free_text; `params` the contract's fields (sessionId, ...); `prompt` a
-    version of the mode's prompt to use instead of the active one. Database reads run in the thread
+    version of the mode's prompt to use instead of the active one; `context` (free text) the
+    conversation to use instead of the session's stored one. Database reads run in the thread
     for sync code; embedding and the Qdrant query in a worker thread of their own.
     Raises ContractError (400), selectors.NotConfiguredError, ValueError for a prompt of another
     mode, and for free text KnowledgeUnavailableError when Qdrant cannot be reached.
@@ -259,7 +267,7 @@ async def recommendation_prepare(
         )
     else:
         plan = await database_sync_to_async(recommendation_plan_free_text)(
-            checked=contract.check_free_text(params), prompt=prompt
+            checked=contract.check_free_text(params), prompt=prompt, context=context
         )
         if isinstance(plan, Recommendation):
             return plan
@@ -340,8 +348,8 @@ async def worker_alive(*, name: str | None = None) -> bool:
                 del _named_alive[stale]
         return alive
     if now - _any_alive_seen_at < ANY_ALIVE_CACHE_S:
-        return True  # a heartbeat was seen a moment ago: spare Redis a key scan per request
-    async for _ in client.scan_iter(match=prefix + "*", count=100):
+        return True  # a heartbeat was seen a moment ago: spare Redis two reads per request
+    if await worker_heartbeats():
         _remember_alive(now)
         return True
     return False

@@ -3,7 +3,7 @@
 Format (WHATWG HTML, "Server-sent events"): `id:` line, `event:` line (never empty), one
 `data:` line holding single-line JSON (`ensure_ascii=False`, so Korean stays readable), then a
 blank line. Keep-alives are comment lines (`: ping`), which EventSource and the Spring backend
-ignore.
+ignore. The OpenAI-compatible API's chunks are `data:`-only events (`encode_data`, then `DONE`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,19 @@ CONTENT_TYPE = "text/event-stream"  # UTF-8 is the only encoding SSE allows
 
 
 TERMINAL_EVENTS = ("close", "error")  # a stream ends with exactly one of these
+DONE = b"data: [DONE]\n\n"  # the end of an OpenAI-compatible stream (chatbot.openai_api)
 
 
 def decode_head(frame: bytes) -> tuple[int, str]:
     """The id and event name of one event as encode_event wrote it."""
     id_line, event_line, _ = frame.split(b"\n", 2)
     return int(id_line[len(b"id: ") :]), event_line[len(b"event: ") :].decode()
+
+
+def encode_data(data: Mapping[str, Any]) -> bytes:
+    """One unnamed SSE event with only a `data:` line (single-line JSON), as OpenAI's streaming API
+    sends its chunks; the stream ends with DONE."""
+    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
 def encode_event(*, event_id: int, event: str, data: Mapping[str, Any]) -> bytes:

@@ -30,6 +30,7 @@ from chatbot.contract import ContractError
 from chatbot.conversation import session_clear, session_transcript, widget_session_id
 from chatbot.knowledge import KnowledgeUnavailableError
 from chatbot.models import PromptTemplate
+from chatbot.observability import readiness_report
 from chatbot.ratelimit import RateLimited, rate_limit_check
 from chatbot.replay import ReplayLog
 from chatbot.seed import LOCATIONS, WORK_TYPES
@@ -37,6 +38,7 @@ from chatbot.selectors import category_list_active
 from chatbot.services import Recommendation, prepare_failure, recommendation_prepare
 from chatbot.streaming import Ping, answer_events
 from chatbot.trial import prompt_trial_events
+from leafresh.logs import request_id_bind
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 8 * 1024
@@ -256,6 +258,7 @@ async def _recommend(request: HttpRequest, mode: str) -> HttpResponse:
             address=_limited_address(request),
         )
         generation = await recommendation_prepare(mode=mode, params=params)
+        request_id_bind(generation.request_id)  # this request's log lines from now on carry its generation's id
     except ContractError as exc:
         return _json(exc.envelope(), status=exc.status)
     except RateLimited as exc:
@@ -307,6 +310,16 @@ async def session_messages(request: HttpRequest, session_id: str) -> HttpRespons
 def healthz(request: HttpRequest) -> JsonResponse:
     """200 while the web process is up."""
     return JsonResponse({"status": "ok"})
+
+
+@require_GET
+@never_cache
+async def readyz(request: HttpRequest) -> JsonResponse:
+    """200 `{"status": "ready", ...}` when a GPU worker with its model loaded is alive and Redis and
+    the database answer; 503 `{"status": "not_ready", "failed": [...], ...}` otherwise. The body is
+    chatbot.observability.readiness_report's; it takes LEAFRESH_READY_TIMEOUT_S at most."""
+    ready, body = await readiness_report()
+    return _json(body, status=200 if ready else 503)
 
 
 @require_GET

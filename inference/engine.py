@@ -20,35 +20,40 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 import xgrammar as xgr
 
-from inference.answer import answer_schema, challenge_card, finalize_answer
+from inference.answer import answer_schema
 from inference.batch import KVBatch
 from inference.detokenize import IncrementalDetokenizer
-from inference.history import HistoryWindow, chat_token_counter, history_window
+from inference.history import HistoryWindow, chat_token_counter, history_window, prompt_messages
 from inference.loading import LoadedModel
 from inference.metrics import EngineMetrics
-from inference.render import ProgressiveRenderer
 from inference.sampling import GenerationError, RowSampling, guard_and_penalize, sample_batch
+from inference.serving import (
+    MESSAGE_BUSY,
+    MESSAGE_DEADLINE,
+    MESSAGE_ERROR,
+    MESSAGE_LENGTH,
+    MESSAGE_TOO_LONG,
+    AnswerStream,
+    RecentIds,
+    answer_timings,
+    past_deadline,
+    queue_positions,
+    request_seed,
+)
 from inference.structured import GrammarFactory
 from inference.types import FinishReason, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
-# Korean messages, safe to show to a person; statuses follow HTTP meaning.
-MESSAGE_LENGTH = "답변이 너무 길어져 완성하지 못했습니다. 다시 시도해 주세요."
-MESSAGE_DEADLINE = "응답 시간이 초과되었습니다. 잠시 후 다시 시도해 주세요."
-MESSAGE_ERROR = "추천을 생성하는 중 오류가 발생했습니다. 잠시 후 다시 시도해 주세요."
-SEEN_REQUESTS = 10_000  # request ids remembered to drop a redelivered task (ids are random UUIDs)
+# The Korean messages (MESSAGE_*) live in inference.serving, shared with the remote backend.
 MAX_PREFILL_PER_STEP = 8  # prompts prefilled together between two decode steps (bounds the stall)
-RENDER_INTERVAL_S = 0.02  # how often a request's growing JSON is re-rendered (half the publisher's flush)
-MESSAGE_BUSY = "지금은 요청이 많아 처리할 수 없습니다. 잠시 후 다시 시도해 주세요."
-MESSAGE_TOO_LONG = "메시지와 대화가 너무 길어 답할 수 없습니다. 더 짧게 보내 주세요."
 # The least room an answer needs in the context window (an answer is about 80-250 tokens); with less,
 # the request is refused, with more but under max_new_tokens the budget shrinks to the room left.
 MIN_ANSWER_TOKENS = 128
@@ -103,15 +108,11 @@ class _Sequence:
     prompt_ids: list[int]
     matcher: xgr.GrammarMatcher
     detokenizer: IncrementalDetokenizer
-    renderer: ProgressiveRenderer
+    answer: AnswerStream  # the completion text, rendered to the sink as it grows
     rng: torch.Generator
     admitted_at: float
     budget: int  # completion tokens allowed: max_new_tokens, or less where the context window ends
     generated: list[int] = field(default_factory=list)
-    completion: str = ""
-    unrendered: str = ""  # completion text not yet fed to the renderer
-    rendered_at: float = 0.0
-    shown: bool = False  # some rendered text was sent: from then on rendering is rate-limited
     first_token_at: float | None = None
     last_token_at: float = 0.0
     history: HistoryWindow = field(default_factory=HistoryWindow)  # the past turns put into the prompt
@@ -152,8 +153,8 @@ class Engine:
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._waiting: deque[GenerationRequest] = deque()
         self._positions: dict[str, int] = {}  # last position announced to each waiting request
-        self._cancelled: OrderedDict[str, float] = OrderedDict()  # cancels that may precede their submit
-        self._seen: OrderedDict[str, None] = OrderedDict()  # recent request ids: a redelivered task is ignored
+        self._cancelled = RecentIds()  # cancels that may precede their submit
+        self._seen = RecentIds()  # recent request ids: a redelivered task is ignored
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.steps = 0  # decode steps run (one forward pass for the whole batch each)
@@ -229,10 +230,8 @@ class Engine:
         if request.request_id in self._seen:
             logger.warning("request %s was delivered again: ignored", request.request_id)
             return
-        self._seen[request.request_id] = None
-        if len(self._seen) > SEEN_REQUESTS:
-            self._seen.popitem(last=False)
-        if self._cancelled.pop(request.request_id, None) is not None:
+        self._seen.add(request.request_id)
+        if self._cancelled.pop(request.request_id):
             self.metrics.finished(FinishReason.CANCELLED, time.time() - request.created_at)
             return
         if len(self._rows) + len(self._waiting) >= self.max_running + self.max_waiting:
@@ -247,11 +246,10 @@ class Engine:
 
         Position 0: it joins the batch at the next step; n: n-th in line for a free row.
         """
-        positions: dict[str, int] = {}
-        for index, request in enumerate(self._waiting):
-            position = positions[request.request_id] = max(0, len(self._rows) + index + 1 - self.max_running)
-            if self._positions.get(request.request_id) != position:
-                self.sink.queued(request, position)
+        positions = queue_positions(self._waiting, running=len(self._rows), max_running=self.max_running)
+        for request in self._waiting:
+            if self._positions.get(request.request_id) != positions[request.request_id]:
+                self.sink.queued(request, positions[request.request_id])
         self._positions = positions  # only requests still waiting
 
     def _cancel_now(self, request_id: str) -> None:
@@ -268,9 +266,7 @@ class Engine:
                 self.sink.discard(request_id)
                 self._announce_positions()
                 return
-        self._cancelled[request_id] = time.time()
-        while len(self._cancelled) > 10_000:
-            self._cancelled.popitem(last=False)
+        self._cancelled.add(request_id)
 
     def _expire(self) -> None:
         now = time.time()
@@ -281,10 +277,7 @@ class Engine:
         if expired:
             self._announce_positions()
         late = [
-            index
-            for index, seq in enumerate(self._rows)
-            if now > seq.request.created_at + seq.request.total_timeout_s
-            or (seq.first_token_at is None and now > seq.request.created_at + seq.request.ttft_timeout_s)
+            index for index, seq in enumerate(self._rows) if past_deadline(seq.request, now, first_token_at=seq.first_token_at)
         ]
         if late:
             self._fail_rows(late, FinishReason.DEADLINE, 504, MESSAGE_DEADLINE)
@@ -335,16 +328,13 @@ class Engine:
             if room < MIN_ANSWER_TOKENS:
                 raise PromptTooLongError(f"{len(prompt_ids)} prompt tokens leave {room} of {self.context_tokens} positions")
             budget = min(budget, room)
-        seed = request.sampling.seed
-        if seed is None:
-            seed = int.from_bytes(request.request_id.encode()[:8], "little")
         return _Sequence(
             request=request,
             prompt_ids=prompt_ids,
             matcher=self.grammars.matcher(request.schema),
             detokenizer=IncrementalDetokenizer(tokenizer),
-            renderer=ProgressiveRenderer(),
-            rng=torch.Generator().manual_seed(seed),
+            answer=AnswerStream(request, self.sink),
+            rng=torch.Generator().manual_seed(request_seed(request)),
             admitted_at=now,
             budget=budget,
             history=history,
@@ -352,9 +342,9 @@ class Engine:
 
     def _prompt_ids(self, request: GenerationRequest, history: HistoryWindow) -> list[int]:
         """The prompt's token ids: the system message, the kept history, then the request's messages."""
-        split = 1 if request.messages and request.messages[0].get("role") == "system" else 0
-        messages = [*request.messages[:split], *history.messages, *request.messages[split:]]
-        prompt = self.loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = self.loaded.tokenizer.apply_chat_template(
+            prompt_messages(request.messages, history), tokenize=False, add_generation_prompt=True
+        )
         return self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def _decode_step(self) -> None:
@@ -425,9 +415,9 @@ class Engine:
             self.metrics.itl.observe(now - seq.last_token_at)
         seq.last_token_at = now
         self.metrics.tokens.inc()
-        self._emit(seq, seq.detokenizer.push(token_id))
+        seq.answer.add(seq.detokenizer.push(token_id))
         if seq.matcher.is_completed() or seq.matcher.is_terminated():
-            self._emit(seq, seq.detokenizer.flush(), force=True)
+            seq.answer.add(seq.detokenizer.flush(), force=True)
             self._finish(seq)
             return "done"
         if len(seq.generated) >= seq.budget:
@@ -435,53 +425,17 @@ class Engine:
             return "done"
         return "continue"
 
-    def _emit(self, seq: _Sequence, completion_delta: str, *, force: bool = False) -> None:
-        """Add completion text; render it (a partial-JSON parse) at most every RENDER_INTERVAL_S once
-        some text was shown, and at every token before that, so the first words leave at once.
-
-        The publisher coalesces deltas over a longer interval anyway, so a client sees no difference.
-        """
-        seq.completion += completion_delta
-        seq.unrendered += completion_delta
-        now = time.monotonic()
-        if not seq.unrendered or (not force and seq.shown and now - seq.rendered_at < RENDER_INTERVAL_S):
-            return
-        text = seq.renderer.feed(seq.unrendered)
-        seq.unrendered = ""
-        seq.rendered_at = now
-        if text:
-            seq.shown = True
-            self.sink.token(seq.request, text)
-        request = seq.request
-        if not request.challenge_cards:
-            return
-        for index, item in seq.renderer.completed():
-            card = challenge_card(item, default_category=request.default_category, category_labels=request.category_labels)
-            self.sink.challenge(request, index, card)
-
     def _finish(self, seq: _Sequence) -> None:
         request = seq.request
         try:
-            answer = finalize_answer(
-                seq.completion, default_category=request.default_category, category_labels=request.category_labels
-            )
-            tail, remaining = seq.renderer.finish(answer)
+            answer = seq.answer.finish()
         except ValueError:
             logger.exception("completion of request %s is not a valid answer", request.request_id)
             self._fail_seq(seq, FinishReason.ERROR, 500, MESSAGE_ERROR)
             return
-        if tail:
-            self.sink.token(request, tail)
-        for index in remaining if request.challenge_cards else []:
-            self.sink.challenge(request, index, answer["challenges"][index])
-        now = time.time()
-        first = seq.first_token_at or now
-        timings = {
-            "queue_s": round(seq.admitted_at - request.created_at, 4),
-            "ttft_s": round(first - request.created_at, 4),
-            "total_s": round(now - request.created_at, 4),
-            "decode_tokens_per_s": round((len(seq.generated) - 1) / (now - first), 2) if now > first else 0.0,
-        }
+        timings = answer_timings(
+            request, started_at=seq.admitted_at, first_token_at=seq.first_token_at, tokens=len(seq.generated)
+        )
         usage = {
             "prompt_tokens": len(seq.prompt_ids),
             "completion_tokens": len(seq.generated),

@@ -55,6 +55,13 @@ def history_window(history: Sequence[Message], *, budget: int, count: Callable[[
     return HistoryWindow(messages=[m for turn in kept for m in turn], tokens=used, turns=len(kept))
 
 
+def prompt_messages(messages: Sequence[Message], history: HistoryWindow) -> list[Message]:
+    """A request's chat messages with the kept history turns between the system message (when the
+    first message is one) and the rest."""
+    split = 1 if messages and messages[0].get("role") == "system" else 0
+    return [*messages[:split], *history.messages, *messages[split:]]
+
+
 def chat_token_counter(tokenizer: Any) -> Callable[[list[Message]], int]:
     """`count(messages)`: tokens of the messages as the tokenizer's chat template renders them
     (without a generation prompt). Falls back to the contents' tokens plus

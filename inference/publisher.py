@@ -16,6 +16,7 @@ import asyncio
 import importlib
 import logging
 import multiprocessing
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -380,15 +381,24 @@ class PublisherProcess(EventTuples):
             self.put(("stop",))
         self.process.join(timeout)
         if self.process.is_alive():
-            self.process.terminate()
+            self.process.kill()  # it ignores SIGTERM (see _publisher_main)
         self._sender.close()
 
 
 def _publisher_main(
     receiver: Any, acks: Any, layer_config: dict[str, Any], flush_interval_s: float, max_events_per_s: float, worker: str
 ) -> None:
-    """The child process: read messages from the pipe and publish them until `stop` or EOF."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """The child process: read messages from the pipe and publish them until `stop` or EOF.
+
+    Ctrl-C and a supervisor's SIGTERM reach the whole process group; the child ignores them, so the
+    worker's own shutdown sends the last events and stops it (or its end closes the pipe: EOF).
+    Otherwise the worker would see its publisher die first and exit as if it had crashed.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from leafresh.logs import logging_configure_from_env  # Django-free: the worker's own log format
+
+    logging_configure_from_env()
     loop_thread = LoopThread("leafresh-publisher")
     publisher = ChannelLayerPublisher(
         build_channel_layer(layer_config),

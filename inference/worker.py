@@ -7,6 +7,10 @@ never held while a request generates. Events go from the engine thread to a publ
 channel-layer group `CONTROL_GROUP`, which every GPU worker joins. The heartbeat is a Redis key
 `heartbeat_prefix + worker name` with a short TTL, refreshed every `heartbeat_interval_s`; its value
 is JSON `{"name", "model", "running", "waiting", "at"}`.
+
+With the `openai` backend (WorkerSettings.backend) no model is loaded: the engine is an
+inference.remote.RemoteEngine streaming from an OpenAI-compatible server, and the heartbeat's
+`model` is the remote model's name.
 """
 
 from __future__ import annotations
@@ -24,9 +28,13 @@ from inference.engine import Engine
 from inference.loading import LoadedModel, ModelSettings, load_model
 from inference.metrics import EngineMetrics
 from inference.publisher import LoopThread, PublisherProcess, build_channel_layer
+from inference.remote import RemoteEngine, RemoteSettings
 from inference.types import CONTROL_GROUP
 
 logger = logging.getLogger(__name__)
+# A worker name not heard of for this long leaves the registry (a killed worker's name stays until
+# then; readers skip it, since its heartbeat key has expired). Generous: worker clocks may differ.
+REGISTRY_FORGET_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -36,11 +44,15 @@ class WorkerSettings:
     channel_layer: the CHANNEL_LAYERS entry (`{"BACKEND": dotted path, "CONFIG": {...}}`).
     heartbeat_prefix: the heartbeat key's prefix (LEAFRESH_HEARTBEAT_PREFIX).
     metrics_prefix: the prefix of the key holding the worker's metrics exposition (same TTL).
+    registry_key: a sorted set of worker names scored by their last beat (Unix seconds): readers list
+    the workers from it instead of scanning the keyspace; names silent for REGISTRY_FORGET_S are pruned.
     heartbeat_ttl_s: how long a heartbeat stays valid; listeners treat a worker whose key has
     expired as dead.
+    backend: `local` (load `model`, run inference.engine) or `openai` (stream from the server
+    `remote` describes; `model` is not used).
     """
 
-    model: ModelSettings
+    model: ModelSettings | None
     redis_url: str
     channel_layer: dict[str, Any]
     max_running: int = 8
@@ -51,7 +63,10 @@ class WorkerSettings:
     heartbeat_ttl_s: float = 10.0
     heartbeat_prefix: str = "leafresh:worker:"
     metrics_prefix: str = "leafresh:metrics:"
+    registry_key: str = "leafresh:workers"
     name: str = ""
+    backend: str = "local"
+    remote: RemoteSettings | None = None
 
 
 def _exit_worker() -> None:
@@ -69,7 +84,8 @@ class WorkerRuntime:
         self.settings = settings
         self.name = settings.name or f"{socket.gethostname()}:{os.getpid()}"
         self.loaded: LoadedModel | None = None
-        self.engine: Engine | None = None
+        self.engine: Engine | RemoteEngine | None = None
+        self.model_name = ""  # the heartbeat's `model`: the loaded model's or the remote one's name
         self._loop = LoopThread("leafresh-control")
         self._control: Any = None
         self._control_task: asyncio.Task[None] | None = None
@@ -78,10 +94,14 @@ class WorkerRuntime:
     def start(self) -> None:
         """Load the model (once), start the engine, the publisher, the cancel listener and heartbeat.
 
-        Raises inference.loading.ModelLoadError if the model cannot be loaded.
+        Raises inference.loading.ModelLoadError if the model cannot be loaded, and
+        inference.remote.RemoteBackendError if the remote server's model cannot be named.
         """
         started = time.monotonic()
-        self.loaded = load_model(self.settings.model)
+        remote = self.settings.backend == "openai"
+        if not remote:
+            assert self.settings.model is not None, "the local backend needs model settings"
+            self.loaded = load_model(self.settings.model)
         layer = build_channel_layer(self.settings.channel_layer)
         self.publisher = PublisherProcess(
             self.settings.channel_layer,
@@ -91,18 +111,21 @@ class WorkerRuntime:
             on_broken=_exit_worker,
         )
         self.metrics = EngineMetrics(worker=self.name)
-        self.engine = Engine(
-            self.loaded,
-            self.publisher,
-            max_running=self.settings.max_running,
-            max_waiting=self.settings.max_waiting,
-            metrics=self.metrics,
-        )
-        self.engine.start()
+        bounds = {"max_running": self.settings.max_running, "max_waiting": self.settings.max_waiting, "metrics": self.metrics}
+        if remote:
+            assert self.settings.remote is not None, "the openai backend needs remote settings"
+            self.engine = RemoteEngine(self.settings.remote, self.publisher, **bounds)
+            self.engine.start()
+            self.model_name = self.engine.model
+        else:
+            assert self.loaded is not None
+            self.engine = Engine(self.loaded, self.publisher, **bounds)
+            self.engine.start()
+            self.model_name = self.loaded.name
         ready = self._loop.submit(self._join_control_group(layer))
         ready.result(timeout=30)
         self._control = self._loop.submit(self._control_forever(layer))
-        logger.info("worker %s ready with %s in %.1f s", self.name, self.loaded.name, time.monotonic() - started)
+        logger.info("worker %s ready with %s in %.1f s", self.name, self.model_name, time.monotonic() - started)
 
     def stop(self) -> None:
         """Stop the engine (in-flight requests get an `error` event), flush events, drop the heartbeat."""
@@ -128,18 +151,21 @@ class WorkerRuntime:
         await self._beat()
 
     async def _beat(self) -> None:
-        assert self.engine is not None and self.loaded is not None
+        assert self.engine is not None
         if self.publisher is not None and not self.publisher.alive() and not self.publisher.closing:
             # Events can no longer reach anyone, even while no request is running: exit (the heartbeat
             # expires, listeners end with 503, and the supervisor starts a fresh worker).
             _exit_worker()
         running, waiting = self.engine.load
-        payload = {"name": self.name, "model": self.loaded.name, "running": running, "waiting": waiting, "at": time.time()}
+        payload = {"name": self.name, "model": self.model_name, "running": running, "waiting": waiting, "at": time.time()}
         key = self.settings.heartbeat_prefix + self.name
         ttl_ms = int(self.settings.heartbeat_ttl_s * 1000)
+        now = time.time()
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.set(key, json.dumps(payload, ensure_ascii=False), px=ttl_ms)
             pipe.set(self.settings.metrics_prefix + self.name, self.metrics.exposition(), px=ttl_ms)
+            pipe.zadd(self.settings.registry_key, {self.name: now})
+            pipe.zremrangebyscore(self.settings.registry_key, "-inf", now - REGISTRY_FORGET_S)
             await pipe.execute()
 
     async def _shutdown(self) -> None:
@@ -147,6 +173,7 @@ class WorkerRuntime:
             self._control_task.cancel()
             await asyncio.gather(self._control_task, return_exceptions=True)
         await self._redis.delete(self.settings.heartbeat_prefix + self.name, self.settings.metrics_prefix + self.name)
+        await self._redis.zrem(self.settings.registry_key, self.name)
         await self._redis.aclose()
 
     async def _control_forever(self, layer: Any) -> None:

@@ -6,9 +6,12 @@ lists them all; a `.env` file beside manage.py is read when present.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import environ
+
+from leafresh.logs import logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
@@ -57,6 +60,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: its figures and request log line cover every response, the other middlewares' included.
+    "chatbot.observability.RequestObservabilityMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "chatbot.auth.ApiKeyMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -146,6 +151,9 @@ else:
 # A worker's heartbeat is filed under its channel layer: a web process on the other layer could never
 # receive its events, so it sees no live worker and answers 503 at once instead of waiting for one.
 LEAFRESH_HEARTBEAT_PREFIX = f"{LEAFRESH_REDIS_PREFIX}:worker:{LEAFRESH_CHANNEL_BACKEND}:"
+# A sorted set of the workers' names (scored by their last beat), so readers find the heartbeats
+# without scanning the keyspace: liveness is still the heartbeat key's own TTL.
+LEAFRESH_WORKER_REGISTRY_KEY = f"{LEAFRESH_REDIS_PREFIX}:workers:{LEAFRESH_CHANNEL_BACKEND}"
 
 CELERY_BROKER_URL = REDIS_URL
 CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": f"{LEAFRESH_REDIS_PREFIX}:celery:"}
@@ -174,6 +182,25 @@ LEAFRESH_FLUSH_INTERVAL_S = env.float("LEAFRESH_FLUSH_INTERVAL_S", default=0.04)
 # All streams of a worker together send at most this many token events per second (the interval stretches).
 LEAFRESH_MAX_EVENTS_PER_S = env.float("LEAFRESH_MAX_EVENTS_PER_S", default=400.0)
 LEAFRESH_HEARTBEAT_TTL_S = env.float("LEAFRESH_HEARTBEAT_TTL_S", default=10.0)
+# /readyz gives each of its checks (Redis, database, worker heartbeat) this long; they run at once.
+LEAFRESH_READY_TIMEOUT_S = env.float("LEAFRESH_READY_TIMEOUT_S", default=2.0)
+
+# --- generation backend ---
+# local: the GPU worker loads LEAFRESH_MODEL and runs inference.engine. openai: it loads no model and
+# streams from a remote OpenAI-compatible server (vLLM, TGI, `transformers serve`; inference.remote).
+LEAFRESH_BACKEND = env.str("LEAFRESH_BACKEND", default="local")
+if LEAFRESH_BACKEND not in ("local", "openai"):
+    raise ValueError(f"LEAFRESH_BACKEND must be local or openai, not {LEAFRESH_BACKEND!r}")
+LEAFRESH_OPENAI_BASE_URL = env.str("LEAFRESH_OPENAI_BASE_URL", default="http://127.0.0.1:8001/v1")
+LEAFRESH_OPENAI_API_KEY = env.str("LEAFRESH_OPENAI_API_KEY", default="")  # never logged
+LEAFRESH_OPENAI_MODEL = env.str("LEAFRESH_OPENAI_MODEL", default="")  # empty = the first of the server's GET /models
+# auto: send response_format json_schema, and fall back to an instruction in the prompt if the server
+# rejects the field; always: send it (a rejection is an error); never: only the prompt instruction.
+LEAFRESH_OPENAI_JSON_SCHEMA = env.str("LEAFRESH_OPENAI_JSON_SCHEMA", default="auto")
+if LEAFRESH_OPENAI_JSON_SCHEMA not in ("auto", "always", "never"):
+    raise ValueError(f"LEAFRESH_OPENAI_JSON_SCHEMA must be auto, always or never, not {LEAFRESH_OPENAI_JSON_SCHEMA!r}")
+# Seconds to connect to the server and between two chunks of its stream (the request's own deadlines still apply).
+LEAFRESH_OPENAI_TIMEOUT_S = env.float("LEAFRESH_OPENAI_TIMEOUT_S", default=30.0)
 
 # Categories, prompts and generation settings are cached per process this long (0 = read every time).
 LEAFRESH_CONFIG_CACHE_S = env.float("LEAFRESH_CONFIG_CACHE_S", default=2.0)
@@ -203,6 +230,9 @@ LEAFRESH_QDRANT_PATH = (BASE_DIR / env.str("LEAFRESH_QDRANT_PATH", default=str(D
 LEAFRESH_QDRANT_COLLECTION = env.str("LEAFRESH_QDRANT_COLLECTION", default="leafresh_knowledge")
 LEAFRESH_QDRANT_TIMEOUT_S = env.float("LEAFRESH_QDRANT_TIMEOUT_S", default=5.0)
 
+# --- the OpenAI-compatible API (/v1/, chatbot.openai_api) ---
+LEAFRESH_OPENAI_API_MODEL = env.str("LEAFRESH_OPENAI_API_MODEL", default="leafresh")  # the model id it serves
+
 # --- streams ---
 LEAFRESH_PING_INTERVAL_S = env.float("LEAFRESH_PING_INTERVAL_S", default=5.0)  # `: ping` while waiting
 LEAFRESH_ACCEPT_TIMEOUT_S = env.float("LEAFRESH_ACCEPT_TIMEOUT_S", default=15.0)  # no worker took the request
@@ -215,17 +245,21 @@ LEAFRESH_STALL_TIMEOUT_S = env.float("LEAFRESH_STALL_TIMEOUT_S", default=30.0)
 LEAFRESH_RESUME_GRACE_S = env.float("LEAFRESH_RESUME_GRACE_S", default=3.0)
 LEAFRESH_REPLAY_TTL_S = env.float("LEAFRESH_REPLAY_TTL_S", default=600.0)
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env.str("LEAFRESH_LOG_LEVEL", default="INFO")},
-    "loggers": {
+# --- logs (leafresh.logs) ---
+# json: one JSON object per line on stderr (daphne, the workers, management commands), for a log
+# collector; plain: one readable line per record, for a person at a terminal.
+LEAFRESH_LOG_FORMAT = env.str("LEAFRESH_LOG_FORMAT", default="json")
+if LEAFRESH_LOG_FORMAT == "json":  # model-loading progress bars would break the one-object-per-line stream
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+LOGGING_CONFIG = "leafresh.logs.logging_configure"  # dictConfig, and warnings logged in the same format
+LOGGING = logging_config(
+    LEAFRESH_LOG_FORMAT,
+    env.str("LEAFRESH_LOG_LEVEL", default="INFO"),
+    {
         "daphne": {"level": "WARNING"},
         "django.channels.server": {"level": "WARNING"},
         # Celery logs every task's receipt and success; the engine logs each request's end itself.
         "celery.app.trace": {"level": "WARNING"},
         "celery.worker.strategy": {"level": "WARNING"},
     },
-}
+)

@@ -5,6 +5,7 @@ isolated by its own Redis key prefix, SQLite file, knowledge index and port.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -107,17 +108,54 @@ def _wait(predicate, timeout: float, what: str, procs: list[subprocess.Popen[byt
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def _start_worker(tag: str, env: dict[str, str], log_dir: Path) -> subprocess.Popen[bytes]:
-    """The GPU worker, as the Procfile starts it (appending to the stack's worker.log)."""
+def _start_worker(tag: str, env: dict[str, str], log_dir: Path, name: str = "") -> subprocess.Popen[bytes]:
+    """The GPU worker, as the Procfile starts it, appending to the stack's worker.log (a `name`d
+    extra worker: its own Celery node name and worker-<name>.log)."""
+    node, log = (f"{tag}-{name}", f"worker-{name}.log") if name else (tag, "worker.log")
     cmd = [str(BIN / "celery"), "-A", "celery_app", "worker", "-P", "solo", "-Q", "gpu", "--loglevel", "INFO"]
-    cmd += ["-n", f"{tag}-{os.getpid()}@%h", "--without-mingle", "--without-gossip", "--without-heartbeat"]
-    handle = (log_dir / "worker.log").open("ab")
+    cmd += ["-n", f"{node}-{os.getpid()}@%h", "--without-mingle", "--without-gossip", "--without-heartbeat"]
+    handle = (log_dir / log).open("ab")
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def worker_name(worker: subprocess.Popen[bytes]) -> str:
+    """The name a GPU worker started here runs under (its heartbeat key's end, `chat.queued`'s
+    `worker`): `<host>:<pid>`, as inference.worker.WorkerRuntime names itself."""
+    return f"{socket.gethostname()}:{worker.pid}"
+
+
+def worker_heartbeat(stack: Stack, worker: subprocess.Popen[bytes]) -> dict | None:
+    """The worker's live heartbeat (`{"name", "model", "running", "waiting", "at"}`), or None once it expired."""
+    for key in stack.redis.scan_iter(match=f"{stack.prefix}:worker:*:{worker_name(worker)}"):
+        value = stack.redis.get(key)
+        if value is not None:
+            return json.loads(value)
+    return None
+
+
+@contextmanager
+def launch_gpu_worker(stack: Stack, name: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Another GPU worker beside `stack`'s, on the same Redis prefix, database and queue, logging to
+    worker-<name>.log; yields it once its heartbeat is up and stops it after (SIGTERM, then SIGKILL)."""
+    worker = _start_worker(stack.tag, stack.env, stack.log_dir, name)
+    try:
+        _wait(
+            lambda: worker_heartbeat(stack, worker) is not None,
+            120,
+            f"the {name} GPU worker's heartbeat",
+            [worker],
+            stack.log_dir,
+        )
+        yield worker
+    finally:
+        _stop(worker)
+
+
 def _start_web(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    # As the Procfile: a WebSocket handshake may take longer than daphne's default 5 s under load.
+    # As the Procfile: a WebSocket handshake may take longer than daphne's default 5 s under load;
+    # verbosity 0 drops daphne's plain-text access log (leafresh.request logs each request as JSON).
     command = [str(BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "--websocket_connect_timeout", "30"]
+    command += ["--verbosity", "0"]
     return _start([*command, "leafresh.asgi:application"], env, log)
 
 
