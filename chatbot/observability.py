@@ -101,6 +101,7 @@ class _Exchange:
         self.request = request
         self.started = time.perf_counter()
         self.context, self._token = request_context_start()
+        self._left = False
         self.first_byte_s: float | None = None
         self.first_event_s: float | None = None
 
@@ -139,7 +140,13 @@ class _Exchange:
         else:
             level = logging.INFO
         request_logger.log(level, "%s %s %s %.0f ms", method, endpoint or "/", status, fields["duration_ms"], extra=fields)
-        request_context_end(self._token)
+        self.leave()
+
+    def leave(self) -> None:
+        """End the request's log context (once; its line names the id explicitly anyway)."""
+        if not self._left:
+            self._left = True
+            request_context_end(self._token)
 
     def _chunk_seen(self, chunk: bytes) -> None:
         now = time.perf_counter() - self.started
@@ -192,7 +199,12 @@ class RequestObservabilityMiddleware:
         if self.is_async:
             return self.__acall__(request)
         exchange = _Exchange(request)
-        response = self.get_response(request)
+        try:
+            response = self.get_response(request)
+        finally:
+            # A sync caller (the test client, WSGI) may never read a stream to its end: the thread's
+            # context must not keep this request's id for whatever it logs next.
+            exchange.leave()
         return self._follow(exchange, response)
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:

@@ -48,6 +48,7 @@ class Stack:
     prefix: str
     tag: str = ""
     port: int = 0
+    web_log: Path | None = None  # the running daphne's log (a restart writes a new one)
 
     def worker_alive(self) -> bool:
         return any(True for _ in self.redis.scan_iter(match=f"{self.prefix}:worker:*"))
@@ -59,7 +60,8 @@ class Stack:
     def restart_web(self) -> None:
         """Stop daphne (if it still runs) and start a new one on the same port; return once it answers."""
         _stop(self.web)
-        self.web = _start_web(self.port, self.env, self._next_log("web-restarted"))
+        self.web_log = self._next_log("web-restarted")
+        self.web = _start_web(self.port, self.env, self.web_log)
         _wait(lambda: _web_up(self.base_url), 60, "the restarted daphne", [self.worker, self.web], self.log_dir)
 
     def _next_log(self, stem: str) -> Path:
@@ -287,6 +289,7 @@ def launch_stack(tag: str, extra_env: dict[str, str] | None = None) -> Iterator[
     web = _start_web(port, env, log_dir / "web.log")
     base_url = f"http://127.0.0.1:{port}"
     stack = Stack(base_url, f"ws://127.0.0.1:{port}", base_url, env, client, worker, web, log_dir, prefix, tag, port)
+    stack.web_log = log_dir / "web.log"
     try:
         _wait(lambda: _web_up(base_url), 60, "daphne /healthz", [worker, web], log_dir)
         _wait(stack.worker_alive, 120, "the GPU worker's heartbeat", [worker, web], log_dir)
