@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import psutil
 from websockets.sync.client import connect
 
 from chatbot import seed
@@ -198,3 +199,16 @@ def stream_until_first_delta_then(
             raw += chunk
         ended_after = time.monotonic() - acted_at
     return SSEStream(response.status_code, response.headers, raw, parse_sse(raw)), ended_after
+
+
+def gpu_worker_processes(root: psutil.Process) -> list[psutil.Process]:
+    """The live `celery … -Q gpu` processes under `root` (honcho, or `make run`): the Procfile's GPU workers."""
+    found = []
+    for child in root.children(recursive=True):
+        try:
+            command = child.cmdline()
+            if child.status() != psutil.STATUS_ZOMBIE and "celery" in " ".join(command[:2]) and "gpu" in command:
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found

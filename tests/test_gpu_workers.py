@@ -24,7 +24,16 @@ import psutil
 import pytest
 
 from inference.serving import MESSAGE_LENGTH
-from tests.helpers import BASE_INFO, FREE_TEXT, SSEStream, assert_one_terminal_last, eventually, get_sse, parse_sse
+from tests.helpers import (
+    BASE_INFO,
+    FREE_TEXT,
+    SSEStream,
+    assert_one_terminal_last,
+    eventually,
+    get_sse,
+    gpu_worker_processes,
+    parse_sse,
+)
 from tests.stack import (
     ROOT,
     Stack,
@@ -171,19 +180,6 @@ def test_a_killed_worker_ends_its_own_streams_with_503_and_the_other_worker_fini
         assert live.request_id in two_workers.finished(0)
 
 
-def _gpu_worker_processes(root: psutil.Process) -> list[psutil.Process]:
-    """The live `celery … -Q gpu` processes under `root`."""
-    found = []
-    for child in root.children(recursive=True):
-        try:
-            command = child.cmdline()
-            if child.status() != psutil.STATUS_ZOMBIE and "celery" in " ".join(command[:2]) and "gpu" in command:
-                found.append(child)
-        except psutil.NoSuchProcess:
-            continue
-    return found
-
-
 BASE_INFO_PARAMS = {"location": "도시", "workType": "사무직", "category": "플로깅"}
 
 
@@ -212,7 +208,7 @@ def test_make_run_with_two_gpu_workers_starts_two_named_workers(demo_model_dir) 
         assert eventually(lambda: len(heartbeats()) == 2, 120, 0.5), (prepared.log_dir / "make.log").read_text()[-3000:]
         names = {beat["name"] for beat in heartbeats()}
         assert len(names) == 2, names
-        workers = _gpu_worker_processes(psutil.Process(make.pid))
+        workers = gpu_worker_processes(psutil.Process(make.pid))
         assert {f"{w.pid}" for w in workers} == {name.rpartition(":")[2] for name in names}
         nodes = sorted(w.cmdline()[w.cmdline().index("-n") + 1] for w in workers)
         assert nodes == ["gpu1@%h", "gpu2@%h"]

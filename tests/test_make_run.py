@@ -10,21 +10,8 @@ import subprocess
 import httpx
 import psutil
 
-from tests.helpers import BASE_INFO, eventually, get_sse
+from tests.helpers import BASE_INFO, eventually, get_sse, gpu_worker_processes
 from tests.stack import BIN, ROOT, free_port, prepare_stack
-
-
-def _gpu_workers(honcho: psutil.Process) -> list[psutil.Process]:
-    """The live `celery … -Q gpu` processes under honcho (the Procfile's worker line)."""
-    found = []
-    for child in honcho.children(recursive=True):
-        try:
-            command = child.cmdline()
-            if child.status() != psutil.STATUS_ZOMBIE and "celery" in " ".join(command[:2]) and "gpu" in command:
-                found.append(child)
-        except psutil.NoSuchProcess:
-            continue
-    return found
 
 
 def test_make_run_restarts_a_gpu_worker_killed_with_sigkill(demo_model_dir) -> None:
@@ -53,10 +40,10 @@ def test_make_run_restarts_a_gpu_worker_killed_with_sigkill(demo_model_dir) -> N
 
         assert eventually(answers, 120, 1.0), "the stack did not answer"
         parent = psutil.Process(honcho.pid)
-        (worker,) = _gpu_workers(parent)
+        (worker,) = gpu_worker_processes(parent)
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=10)
-        assert eventually(lambda: [w.pid for w in _gpu_workers(parent)] not in ([], [worker.pid]), 30)
+        assert eventually(lambda: [w.pid for w in gpu_worker_processes(parent)] not in ([], [worker.pid]), 30)
         assert eventually(answers, 120, 1.0), "no answer after the worker was restarted"
         assert honcho.poll() is None, "honcho stopped the stack"
         assert "the GPU worker exited" in (log_dir / "honcho.log").read_text(errors="replace")
