@@ -20,7 +20,6 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,10 +40,9 @@ from inference.serving import (
     MESSAGE_LENGTH,
     MESSAGE_TOO_LONG,
     AnswerStream,
-    RecentIds,
+    WaitingLine,
     answer_timings,
     past_deadline,
-    queue_positions,
     request_seed,
 )
 from inference.structured import GrammarFactory
@@ -151,10 +149,10 @@ class Engine:
         self._batch = KVBatch(loaded.model, loaded.device)
         self._rows: list[_Sequence] = []  # row i of the batch
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._waiting: deque[GenerationRequest] = deque()
-        self._positions: dict[str, int] = {}  # last position announced to each waiting request
-        self._cancelled = RecentIds()  # cancels that may precede their submit
-        self._seen = RecentIds()  # recent request ids: a redelivered task is ignored
+        self._line = WaitingLine(
+            sink, self.metrics, max_running=max_running, max_waiting=max_waiting, running=lambda: len(self._rows)
+        )
+        self._waiting = self._line.requests  # in arrival order
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.steps = 0  # decode steps run (one forward pass for the whole batch each)
@@ -224,33 +222,16 @@ class Engine:
     def _accept(self, request: GenerationRequest) -> None:
         """Queue a request (a `chat.queued` with its position: 0 = it joins the batch at the next step).
 
-        A request id seen among the last SEEN_REQUESTS is ignored: a task delivered twice (a broker
-        redelivery) gives one answer.
+        A task delivered twice (a broker redelivery) gives one answer; past the bounds, 503
+        (inference.serving.WaitingLine).
         """
-        if request.request_id in self._seen:
-            logger.warning("request %s was delivered again: ignored", request.request_id)
+        if not self._line.screen(request):
             return
-        self._seen.add(request.request_id)
-        if self._cancelled.pop(request.request_id):
-            self.metrics.finished(FinishReason.CANCELLED, time.time() - request.created_at)
-            return
-        if len(self._rows) + len(self._waiting) >= self.max_running + self.max_waiting:
+        if self._line.full():
             logger.warning("request %s refused: %d running, %d waiting", request.request_id, len(self._rows), len(self._waiting))
             self._refuse(request, FinishReason.ERROR, 503, MESSAGE_BUSY)
             return
-        self._waiting.append(request)
-        self._announce_positions()
-
-    def _announce_positions(self) -> None:
-        """Send `chat.queued` to each waiting request whose place in line changed.
-
-        Position 0: it joins the batch at the next step; n: n-th in line for a free row.
-        """
-        positions = queue_positions(self._waiting, running=len(self._rows), max_running=self.max_running)
-        for request in self._waiting:
-            if self._positions.get(request.request_id) != positions[request.request_id]:
-                self.sink.queued(request, positions[request.request_id])
-        self._positions = positions  # only requests still waiting
+        self._line.push(request)
 
     def _cancel_now(self, request_id: str) -> None:
         for index, seq in enumerate(self._rows):
@@ -259,23 +240,12 @@ class Engine:
                 self.sink.discard(request_id)
                 self._drop_rows([index])
                 return
-        for request in self._waiting:
-            if request.request_id == request_id:
-                self._waiting.remove(request)
-                self.metrics.finished(FinishReason.CANCELLED, time.time() - request.created_at)
-                self.sink.discard(request_id)
-                self._announce_positions()
-                return
-        self._cancelled.add(request_id)
+        self._line.cancel(request_id)  # out of line, or remembered for a request still to come
 
     def _expire(self) -> None:
         now = time.time()
-        expired = [r for r in self._waiting if now > r.created_at + r.ttft_timeout_s]
-        for request in expired:
-            self._waiting.remove(request)
+        for request in self._line.expire(now):
             self._refuse(request, FinishReason.DEADLINE, 504, MESSAGE_DEADLINE)
-        if expired:
-            self._announce_positions()
         late = [
             index for index, seq in enumerate(self._rows) if past_deadline(seq.request, now, first_token_at=seq.first_token_at)
         ]
@@ -303,10 +273,10 @@ class Engine:
             logger.exception("prefill failed for %d requests", len(admitted))
             for seq in admitted:
                 self._fail_seq(seq, FinishReason.ERROR, 500, MESSAGE_ERROR)
-            self._announce_positions()
+            self._line.announce()
             return
         self._rows.extend(admitted)
-        self._announce_positions()  # everyone still waiting moved up
+        self._line.announce()  # everyone still waiting moved up
 
     def _new_sequence(self, request: GenerationRequest, now: float) -> _Sequence:
         """The request's row: history window, chat template, tokens, grammar matcher, and its budget.

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,10 +55,9 @@ from inference.serving import (
     MESSAGE_LENGTH,
     MESSAGE_TOO_LONG,
     AnswerStream,
-    RecentIds,
+    WaitingLine,
     answer_timings,
     past_deadline,
-    queue_positions,
     request_seed,
 )
 from inference.types import FinishReason, GenerationRequest
@@ -207,10 +205,10 @@ class RemoteEngine:
         self._client: openai.AsyncOpenAI | None = None
         self._loop: LoopThread | None = None
         self._running: dict[str, _Stream] = {}
-        self._waiting: deque[GenerationRequest] = deque()
-        self._positions: dict[str, int] = {}
-        self._cancelled = RecentIds()  # cancels that may precede their submit
-        self._seen = RecentIds()  # recent request ids: a redelivered task is ignored
+        self._line = WaitingLine(
+            sink, self.metrics, max_running=max_running, max_waiting=max_waiting, running=lambda: len(self._running)
+        )
+        self._waiting = self._line.requests  # in arrival order
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False  # set by stop(): requests arriving from then on are refused
 
@@ -291,31 +289,18 @@ class RemoteEngine:
     def _accept(self, request: GenerationRequest) -> None:
         """As Engine._accept: ignore a redelivery, honour an earlier cancel, refuse past the bounds,
         else queue (a `queued` event) and start what fits."""
-        if request.request_id in self._seen:
-            logger.warning("request %s was delivered again: ignored", request.request_id)
-            return
-        self._seen.add(request.request_id)
-        if self._cancelled.pop(request.request_id):
-            self.metrics.finished(FinishReason.CANCELLED, time.time() - request.created_at)
+        if not self._line.screen(request):
             return
         if self._closing:  # the worker is going away, as Engine.stop
             logger.warning("request %s refused: the remote backend is stopping", request.request_id)
             self._refuse(request, 503, MESSAGE_ERROR, FinishReason.ERROR)
             return
-        if len(self._running) + len(self._waiting) >= self.max_running + self.max_waiting:
+        if self._line.full():
             logger.warning("request %s refused: %d running, %d waiting", request.request_id, *self.load)
             self._refuse(request, 503, MESSAGE_BUSY, FinishReason.ERROR)
             return
-        self._waiting.append(request)
-        self._announce_positions()
+        self._line.push(request)
         self._admit()
-
-    def _announce_positions(self) -> None:
-        positions = queue_positions(self._waiting, running=len(self._running), max_running=self.max_running)
-        for request in self._waiting:
-            if self._positions.get(request.request_id) != positions[request.request_id]:
-                self.sink.queued(request, positions[request.request_id])
-        self._positions = positions
 
     def _admit(self) -> None:
         """Start waiting requests while fewer than `max_running` streams are open."""
@@ -327,7 +312,7 @@ class RemoteEngine:
             stream.task = asyncio.create_task(self._serve(stream), name=f"remote-{request.request_id}")
             started = True
         if started:
-            self._announce_positions()
+            self._line.announce()
         self._gauges()
 
     def _cancel_now(self, request_id: str) -> None:
@@ -340,15 +325,8 @@ class RemoteEngine:
                 assert stream.task is not None
                 stream.task.cancel()  # closes the HTTP response: the server sees the client go
             return
-        for request in self._waiting:
-            if request.request_id == request_id:
-                self._waiting.remove(request)
-                self.metrics.finished(FinishReason.CANCELLED, time.time() - request.created_at)
-                self.sink.discard(request_id)
-                self._announce_positions()
-                self._gauges()
-                return
-        self._cancelled.add(request_id)
+        if self._line.cancel(request_id):  # out of line, or remembered for a request still to come
+            self._gauges()
 
     async def _expire_forever(self) -> None:
         while True:
@@ -361,12 +339,10 @@ class RemoteEngine:
     def _expire(self) -> None:
         """As Engine._expire: waiting past the first-token deadline, or running past either, is a 504."""
         now = time.time()
-        expired = [r for r in self._waiting if now > r.created_at + r.ttft_timeout_s]
+        expired = self._line.expire(now)
         for request in expired:
-            self._waiting.remove(request)
             self._refuse(request, 504, MESSAGE_DEADLINE, FinishReason.DEADLINE)
         if expired:
-            self._announce_positions()
             self._gauges()
         for stream in list(self._running.values()):
             if not stream.ended and past_deadline(stream.request, now, first_token_at=stream.first_token_at):

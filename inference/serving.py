@@ -8,14 +8,17 @@ SSE/WS contract is the same whichever generates. No torch here.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from inference.answer import challenge_card, finalize_answer
 from inference.render import ProgressiveRenderer
-from inference.types import GenerationRequest
+from inference.types import FinishReason, GenerationRequest
+
+logger = logging.getLogger(__name__)
 
 # Korean messages, safe to show to a person; statuses follow HTTP meaning.
 MESSAGE_LENGTH = "답변이 너무 길어져 완성하지 못했습니다. 다시 시도해 주세요."
@@ -54,6 +57,81 @@ def queue_positions(waiting: Iterable[GenerationRequest], *, running: int, max_r
     Position 0: it starts at the next chance (a free slot); n: n-th in line for a free slot.
     """
     return {r.request_id: max(0, running + index + 1 - max_running) for index, r in enumerate(waiting)}
+
+
+class WaitingLine:
+    """The requests waiting for a running slot (`requests`, in arrival order) and the door both
+    backends share (inference.engine.Engine, inference.remote.RemoteEngine).
+
+    A request id seen among the last SEEN_REQUESTS is a redelivered task: ignored. A cancel may come
+    before its request: the request is then dropped at the door. Each waiting request is told its
+    place (`sink.queued`, position 0 = it starts at the next free slot) whenever it changes.
+    `running()` is the backend's count of running requests. Not thread-safe: the backend's loop only.
+    """
+
+    def __init__(self, sink: Any, metrics: Any, *, max_running: int, max_waiting: int, running: Callable[[], int]) -> None:
+        self.requests: deque[GenerationRequest] = deque()
+        self.sink = sink
+        self.metrics = metrics
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self._running = running
+        self._positions: dict[str, int] = {}  # the last position announced to each waiting request
+        self._cancelled = RecentIds()  # cancels that came before their request
+        self._seen = RecentIds()  # recent request ids: a redelivered task is ignored
+
+    def screen(self, request: GenerationRequest) -> bool:
+        """Whether a request at the door is to be answered: False for a redelivered one (logged) and
+        for one cancelled before it came (counted as cancelled)."""
+        if request.request_id in self._seen:
+            logger.warning("request %s was delivered again: ignored", request.request_id)
+            return False
+        self._seen.add(request.request_id)
+        if self._cancelled.pop(request.request_id):
+            self.metrics.finished(FinishReason.CANCELLED, time.time() - request.created_at)
+            return False
+        return True
+
+    def full(self) -> bool:
+        """Whether `max_running + max_waiting` requests are already running or waiting (the backend
+        then refuses the next with 503)."""
+        return self._running() + len(self.requests) >= self.max_running + self.max_waiting
+
+    def push(self, request: GenerationRequest) -> None:
+        """Put a request at the end of the line and tell it (and any other that moved) its place."""
+        self.requests.append(request)
+        self.announce()
+
+    def announce(self) -> None:
+        """Send `queued` to each waiting request whose place in line changed (queue_positions)."""
+        positions = queue_positions(self.requests, running=self._running(), max_running=self.max_running)
+        for request in self.requests:
+            if self._positions.get(request.request_id) != positions[request.request_id]:
+                self.sink.queued(request, positions[request.request_id])
+        self._positions = positions  # only requests still waiting
+
+    def cancel(self, request_id: str) -> bool:
+        """Take a waiting request out of line (counted as cancelled; `sink.discard`): True. Not
+        waiting: remember the cancel for a request still to come: False."""
+        for request in self.requests:
+            if request.request_id == request_id:
+                self.requests.remove(request)
+                self.metrics.finished(FinishReason.CANCELLED, time.time() - request.created_at)
+                self.sink.discard(request_id)
+                self.announce()
+                return True
+        self._cancelled.add(request_id)
+        return False
+
+    def expire(self, now: float) -> list[GenerationRequest]:
+        """Take out the requests that waited past their first-token deadline (`now`: Unix seconds);
+        the backend answers them with 504."""
+        expired = [r for r in self.requests if now > r.created_at + r.ttft_timeout_s]
+        for request in expired:
+            self.requests.remove(request)
+        if expired:
+            self.announce()
+        return expired
 
 
 def request_seed(request: GenerationRequest) -> int:
