@@ -31,12 +31,12 @@ from django.urls import Resolver404, resolve
 from prometheus_client import Counter, Histogram
 
 from chatbot.redis_client import async_redis, worker_heartbeats
+from chatbot.sse import REQUEST_ID_HEADER
 from leafresh.logs import request_context_end, request_context_start
 
 request_logger = logging.getLogger("leafresh.request")
 logger = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "X-Request-ID"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED = "<unmatched>"
 QUIET_ENDPOINTS = frozenset({"healthz", "readyz", "metrics"})  # probes and scrapes: DEBUG while they succeed

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -47,7 +47,6 @@ from leafresh.logs import request_id_bind
 
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 1024  # the conversation comes with every request
-REQUEST_ID_HEADER = "X-Request-ID"
 SESSION_PREFIX = "v1-"  # the sessions these requests are recorded under (one per request)
 
 
@@ -269,7 +268,7 @@ def _completion_id(recommendation: Recommendation) -> str:
 async def _complete(recommendation: Recommendation, body: ChatCompletionRequest, json_answer: bool) -> HttpResponse:
     """The whole completion as one chat completion object (or the error's status and body)."""
     created = int(time.time())
-    headers = {REQUEST_ID_HEADER: recommendation.request_id}
+    headers = {sse.REQUEST_ID_HEADER: recommendation.request_id}
     text: list[str] = []
     async for piece in completion_pieces(recommendation, json_answer=json_answer):
         if isinstance(piece, Delta):
@@ -380,12 +379,8 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     first = await anext(pieces)
     if isinstance(first, ApiError):  # nothing was generated: answer with the status itself
         await pieces.aclose()
-        return _error_response(first, {REQUEST_ID_HEADER: recommendation.request_id})
-    response = StreamingHttpResponse(_stream(recommendation, body, pieces, first), content_type=sse.CONTENT_TYPE)
-    for name, value in sse.HEADERS.items():
-        response[name] = value
-    response[REQUEST_ID_HEADER] = recommendation.request_id
-    return response
+        return _error_response(first, {sse.REQUEST_ID_HEADER: recommendation.request_id})
+    return sse.streaming_response(_stream(recommendation, body, pieces, first), recommendation.request_id)
 
 
 def _model_object(created: int) -> dict[str, Any]:

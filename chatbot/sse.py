@@ -9,8 +9,10 @@ ignore. The OpenAI-compatible API's chunks are `data:`-only events (`encode_data
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
+
+from django.http import StreamingHttpResponse
 
 PING = b": ping\n\n"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -18,6 +20,7 @@ CONTENT_TYPE = "text/event-stream"  # UTF-8 is the only encoding SSE allows
 
 
 TERMINAL_EVENTS = ("close", "error")  # a stream ends with exactly one of these
+REQUEST_ID_HEADER = "X-Request-ID"  # the generation's id, as the worker's logs and the request log line name it
 DONE = b"data: [DONE]\n\n"  # the end of an OpenAI-compatible stream (chatbot.openai_api)
 
 
@@ -43,3 +46,14 @@ def encode_event(*, event_id: int, event: str, data: Mapping[str, Any]) -> bytes
         raise ValueError(f"invalid SSE event name {event!r}")
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"id: {event_id}\nevent: {event}\ndata: {payload}\n\n".encode()
+
+
+def streaming_response(body: AsyncIterator[bytes], request_id: str | None = None) -> StreamingHttpResponse:
+    """An event-stream response of encoded events, with HEADERS (no cache, no proxy buffering) and,
+    when given, the generation's id in REQUEST_ID_HEADER."""
+    response = StreamingHttpResponse(body, content_type=CONTENT_TYPE)
+    for name, value in HEADERS.items():
+        response[name] = value
+    if request_id:
+        response[REQUEST_ID_HEADER] = request_id
+    return response

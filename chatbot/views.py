@@ -18,7 +18,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
@@ -43,7 +43,6 @@ from leafresh.logs import request_id_bind
 logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 8 * 1024
 RESUME_POLL_S = 0.05  # how often a resumed stream looks for new events in the replay log
-REQUEST_ID_HEADER = "X-Request-ID"  # the generation's id, as the worker's logs name it
 
 
 def _params(request: HttpRequest) -> dict[str, Any]:
@@ -199,7 +198,7 @@ async def _resume(params: dict[str, Any], last_event_id: str) -> HttpResponse:
     ended = [event_id for event_id, event in map(sse.decode_head, frames) if event in sse.TERMINAL_EVENTS]
     if ended and ended[0] <= after_id:
         return HttpResponse(status=204)  # the client saw the end: EventSource stops reconnecting on 204
-    return _sse_response(_resume_body(log, request_id, after_id, frames), request_id)
+    return sse.streaming_response(_resume_body(log, request_id, after_id, frames), request_id)
 
 
 def _json(payload: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> JsonResponse:
@@ -209,7 +208,7 @@ def _json(payload: dict[str, Any], status: int = 200, headers: dict[str, str] | 
 
 async def _answer_json(generation: Recommendation) -> JsonResponse:
     """Wait for the terminal event and answer one JSON document."""
-    headers = {REQUEST_ID_HEADER: generation.request_id}
+    headers = {sse.REQUEST_ID_HEADER: generation.request_id}
     async with aclosing(answer_events(generation)) as events:
         async for item in events:
             if isinstance(item, Ping):
@@ -219,15 +218,6 @@ async def _answer_json(generation: Recommendation) -> JsonResponse:
                 envelope = frame[2]
                 return _json(envelope, status=envelope["status"], headers=headers)
     return _json(contract.envelope(500, contract.MESSAGE_INTERNAL, None), status=500, headers=headers)
-
-
-def _sse_response(body: AsyncIterator[bytes], request_id: str | None = None) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(body, content_type=sse.CONTENT_TYPE)
-    for name, value in sse.HEADERS.items():
-        response[name] = value
-    if request_id:
-        response[REQUEST_ID_HEADER] = request_id
-    return response
 
 
 def _error_frame(status: int, message: str, *, event_id: int = 1) -> bytes:
@@ -267,11 +257,11 @@ async def _recommend(request: HttpRequest, mode: str) -> HttpResponse:
     except Exception as exc:  # noqa: BLE001 - prepare_failure logs it; the envelope, never Django's HTML page
         status, message = prepare_failure(exc)
         if request.method == "GET" and isinstance(exc, KnowledgeUnavailableError):
-            return _sse_response(_sse_error(status, message))  # the input was fine: an in-stream error
+            return sse.streaming_response(_sse_error(status, message))  # the input was fine: an in-stream error
         return _json(contract.envelope(status, message, None), status=status)
     if request.method == "POST":
         return await _answer_json(generation)
-    return _sse_response(_sse_body(generation), generation.request_id)
+    return sse.streaming_response(_sse_body(generation), generation.request_id)
 
 
 @csrf_exempt
@@ -357,10 +347,10 @@ async def prompt_trial_stream(request: HttpRequest, prompt_id: int) -> HttpRespo
     user = await request.auser()
     foreign = request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none")
     if foreign or not await sync_to_async(trial_permitted)(user):
-        return _sse_response(_sse_error(403, "이 프롬프트를 시험할 권한이 없습니다. 관리자로 다시 로그인해 주세요."))
+        return sse.streaming_response(_sse_error(403, "이 프롬프트를 시험할 권한이 없습니다. 관리자로 다시 로그인해 주세요."))
     prompt = await PromptTemplate.objects.filter(pk=prompt_id).afirst()
     if prompt is None:
-        return _sse_response(_sse_error(404, "그런 프롬프트 버전이 없습니다."))
+        return sse.streaming_response(_sse_error(404, "그런 프롬프트 버전이 없습니다."))
 
     async def body() -> AsyncIterator[bytes]:  # prompt_trial_events turns every failure into its `error` event
         event_id = 0
@@ -372,4 +362,4 @@ async def prompt_trial_stream(request: HttpRequest, prompt_id: int) -> HttpRespo
                 event_id += 1
                 yield sse.encode_event(event_id=event_id, event=item.event, data=item.data)
 
-    return _sse_response(body())
+    return sse.streaming_response(body())
